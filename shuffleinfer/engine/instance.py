@@ -1,0 +1,224 @@
+"""One vLLM engine playing a role: prefill, decode, or both (colocated, the baseline).
+
+Life of a request across two instances:
+1. `prefill(req)` on a prefill instance runs the prompt in chunks of `chunk_size` tokens
+   (vLLM's chunked prefill with `max_num_batched_tokens = chunk_size`), samples the first
+   token and, if more tokens are wanted, leaves the KV cache under a lease in the
+   connector. It returns the first token and the lease's `kv_transfer_params`.
+2. `decode(req, prefill)` on a decode instance submits prompt + first token with those
+   params; the connector pulls the KV, and vLLM computes only the new positions. Deltas
+   stream back to the caller as they come.
+Roles are a matter of which method is called: every engine loads the same connector with
+`kv_role="kv_both"`, so an instance can change role without restarting.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from shuffleinfer.engine import sampling
+from shuffleinfer.engine.stats import EngineStatsCollector
+from shuffleinfer.protocol import (
+    GenerateRequest,
+    InstanceLoad,
+    KVTransferStats,
+    PrefillResult,
+    TokenDelta,
+)
+
+logger = logging.getLogger(__name__)
+
+Role = Literal["prefill", "decode", "colocated"]
+
+
+@dataclass(frozen=True)
+class InstanceSpec:
+    """Everything an instance needs to build its engine (derived from the serve config)."""
+
+    instance_id: str
+    role: Role
+    model: str
+    chunk_size: int
+    dtype: str = "bfloat16"
+    max_model_len: int | None = None
+    kv_host: str = "127.0.0.1"
+    kv_advertise_host: str | None = None
+    kv_port: int = 0
+    kv_lease_s: float = 30.0
+    engine_args: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class EngineInfo:
+    """Facts about a started engine the api needs."""
+
+    instance_id: str
+    max_model_len: int
+    kv_address: tuple[str, int]
+
+
+def build_engine_args(spec: InstanceSpec) -> Any:
+    """vLLM engine args for an instance: the user's pass-through args win, except the
+    connector and the chunk size, which are how ShuffleInfer works."""
+    from vllm.config import KVTransferConfig
+    from vllm.engine.arg_utils import AsyncEngineArgs
+
+    kv_config = KVTransferConfig(
+        kv_connector="ShuffleKVConnector",
+        kv_connector_module_path="shuffleinfer.kv.connector",
+        kv_role="kv_both",
+        kv_load_failure_policy="recompute",
+        kv_connector_extra_config={
+            "host": spec.kv_host,
+            "advertise_host": spec.kv_advertise_host or spec.kv_host,
+            "port": spec.kv_port,
+            "lease_s": spec.kv_lease_s,
+        },
+    )
+    args: dict[str, Any] = {
+        "model": spec.model,
+        "dtype": spec.dtype,
+        "max_model_len": spec.max_model_len,
+        "enable_chunked_prefill": True,
+        "max_num_batched_tokens": spec.chunk_size,
+        "disable_log_stats": False,
+        "enable_log_requests": False,
+    }
+    args.update(spec.engine_args)
+    args["kv_transfer_config"] = kv_config
+    args["max_num_batched_tokens"] = spec.chunk_size
+    return AsyncEngineArgs(**args)
+
+
+class EngineInstance:
+    """An AsyncLLM plus the role-specific request paths; a Ray actor wraps it 1:1."""
+
+    def __init__(self, spec: InstanceSpec) -> None:
+        self.spec = spec
+        self._engine: Any = None
+        self._stats = EngineStatsCollector()
+        self._num_inflight = 0
+        self._queued_prompt_tokens = 0
+
+    async def start(self) -> EngineInfo:
+        """Build the engine (loads the model; about 30 s on CPU). Called once."""
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        self._engine = AsyncLLM.from_engine_args(
+            build_engine_args(self.spec), stat_loggers=[self._stats.factory])
+        max_len = int(self._engine.model_config.max_model_len)
+        logger.info("%s ready (%s, max_model_len %d)", self.spec.instance_id,
+                    self.spec.role, max_len)
+        host = self.spec.kv_advertise_host or self.spec.kv_host
+        return EngineInfo(self.spec.instance_id, max_len, (host, self.spec.kv_port))
+
+    def _require_engine(self) -> Any:
+        if self._engine is None:
+            raise RuntimeError(f"{self.spec.instance_id} has not been started")
+        return self._engine
+
+    async def prefill(self, req: GenerateRequest) -> PrefillResult:
+        """Prefill leg: run the prompt, sample the first token, lease its KV if needed."""
+        engine = self._require_engine()
+        wants_decode = req.sampling.max_tokens > 1
+        transfer_id = uuid.uuid4().hex if wants_decode else None
+        params = sampling.prefill_params(req.sampling, transfer_id)
+        num_top = req.sampling.logprobs or 0
+        self._num_inflight += 1
+        self._queued_prompt_tokens += len(req.prompt_token_ids)
+        deltas: list[TokenDelta] = []
+        kv_params = None
+        num_cached = 0
+        try:
+            async for out in engine.generate({"prompt_token_ids": list(req.prompt_token_ids)},
+                                             params, request_id=req.req_id):
+                deltas.append(sampling.to_delta(out, num_top))
+                kv_params = out.kv_transfer_params or kv_params
+                num_cached = out.num_cached_tokens or num_cached
+        finally:
+            self._num_inflight -= 1
+            self._queued_prompt_tokens -= len(req.prompt_token_ids)
+        first = _merge(deltas, prefill_instance=self.spec.instance_id)
+        if first.finish_reason == "length" and wants_decode:
+            first = TokenDelta(first.token_ids, first.text, first.logprobs, None,
+                               prefill_instance=self.spec.instance_id)
+            if not kv_params:
+                logger.warning("%s: no KV lease for %s; the decode will recompute the prompt",
+                               self.spec.instance_id, req.req_id)
+        else:
+            kv_params = None  # finished by its first token: nothing to hand over
+        return PrefillResult(first=first, kv_transfer_params=kv_params,
+                             num_cached_tokens=num_cached)
+
+    async def decode(self, req: GenerateRequest, prefill: PrefillResult
+                     ) -> AsyncIterator[TokenDelta]:
+        """Decode leg: continue from prompt + first token, reading the prefill's KV."""
+        engine = self._require_engine()
+        prompt = list(req.prompt_token_ids) + list(prefill.first.token_ids)
+        params = sampling.decode_params(req.sampling, prefill.kv_transfer_params or {})
+        num_top = req.sampling.logprobs or 0
+        self._num_inflight += 1
+        try:
+            async for out in engine.generate({"prompt_token_ids": prompt}, params,
+                                             request_id=req.req_id):
+                yield sampling.to_delta(out, num_top, decode_instance=self.spec.instance_id)
+        finally:
+            self._num_inflight -= 1
+
+    async def generate(self, req: GenerateRequest) -> AsyncIterator[TokenDelta]:
+        """Both legs on this engine, no hand-over (the colocated baseline)."""
+        engine = self._require_engine()
+        params = sampling.colocated_params(req.sampling)
+        num_top = req.sampling.logprobs or 0
+        async for out in engine.generate({"prompt_token_ids": list(req.prompt_token_ids)},
+                                         params, request_id=req.req_id):
+            yield sampling.to_delta(out, num_top, prefill_instance=self.spec.instance_id,
+                                    decode_instance=self.spec.instance_id)
+
+    async def abort(self, req_id: str) -> None:
+        """Abort a request on this engine (idempotent); its KV blocks are freed."""
+        if self._engine is not None:
+            await self._engine.abort(req_id)
+
+    def load(self) -> InstanceLoad:
+        """Current load, for the scheduler and /health."""
+        sched = self._stats.latest
+        return InstanceLoad(
+            instance_id=self.spec.instance_id,
+            role="decode" if self.spec.role == "decode" else "prefill",
+            ready=self._engine is not None,
+            num_waiting_reqs=sched.num_waiting_reqs if sched else 0,
+            num_running_reqs=self._num_inflight,
+            num_queued_prompt_tokens=self._queued_prompt_tokens,
+        )
+
+    def kv_stats(self) -> KVTransferStats:
+        """Cumulative KV hand-over counters; per-transfer seconds are drained."""
+        return self._stats.kv_stats()
+
+    def free_kv_blocks_fraction(self) -> float:
+        """1 - the engine's KV cache usage, as last reported (tests check leaks with it)."""
+        sched = self._stats.latest
+        return 1.0 - (sched.kv_cache_usage if sched else 0.0)
+
+    def shutdown(self) -> None:
+        if self._engine is not None:
+            self._engine.shutdown()
+            self._engine = None
+
+
+def _merge(deltas: list[TokenDelta], **instance: str) -> TokenDelta:
+    token_ids: tuple[int, ...] = ()
+    logprobs = None
+    for d in deltas:
+        token_ids += d.token_ids
+        if d.logprobs is not None:
+            logprobs = (logprobs or ()) + d.logprobs
+    return TokenDelta(token_ids=token_ids, text="".join(d.text for d in deltas),
+                      logprobs=logprobs,
+                      finish_reason=deltas[-1].finish_reason if deltas else "abort",
+                      **instance)  # type: ignore[arg-type]

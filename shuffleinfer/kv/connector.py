@@ -1,0 +1,131 @@
+"""ShuffleInfer's vLLM KV connector, loaded by every engine through
+`kv_transfer_config = {"kv_connector": "ShuffleKVConnector",
+"kv_connector_module_path": "shuffleinfer.kv.connector", "kv_role": "kv_both", ...}`.
+
+vLLM builds one instance per role: the scheduler role in the EngineCore process and the
+worker role in each Worker process. This class only routes vLLM's calls to the half that
+owns them (`scheduler_side.ConnectorScheduler`, `worker_side.ConnectorWorker`).
+
+`kv_connector_extra_config` keys: host (KV server bind address), advertise_host (address
+peers dial; defaults to host), port, lease_s, pull_timeout_s.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+from vllm.distributed.kv_transfer.kv_connector.v1.base import (
+    KVConnectorBase_V1,
+    KVConnectorMetadata,
+    KVConnectorRole,
+)
+
+from shuffleinfer.kv.metadata import ShuffleConnectorMetadata
+from shuffleinfer.kv.scheduler_side import ConnectorScheduler
+from shuffleinfer.kv.stats import ShuffleKVStats
+from shuffleinfer.kv.worker_side import ConnectorWorker
+
+if TYPE_CHECKING:
+    from vllm.config import VllmConfig
+    from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorStats
+    from vllm.forward_context import ForwardContext
+    from vllm.v1.attention.backend import AttentionMetadata
+    from vllm.v1.core.kv_cache_manager import KVCacheBlocks
+    from vllm.v1.core.sched.output import SchedulerOutput
+    from vllm.v1.kv_cache_interface import KVCacheConfig
+    from vllm.v1.request import Request
+
+DEFAULT_LEASE_S = 30.0
+DEFAULT_PULL_TIMEOUT_S = 10.0
+
+
+class ShuffleKVConnector(KVConnectorBase_V1):
+    """Pull-based KV hand-over between a prefill and a decode engine."""
+
+    def __init__(self, vllm_config: VllmConfig, role: KVConnectorRole,
+                 kv_cache_config: KVCacheConfig) -> None:
+        super().__init__(vllm_config, role, kv_cache_config)
+        extra = self._kv_transfer_config.kv_connector_extra_config
+        host = str(extra.get("host", "127.0.0.1"))
+        port = int(extra["port"])
+        self._scheduler: ConnectorScheduler | None = None
+        self._worker: ConnectorWorker | None = None
+        if role == KVConnectorRole.SCHEDULER:
+            self._scheduler = ConnectorScheduler(
+                str(extra.get("advertise_host") or host), port,
+                vllm_config.cache_config.block_size)
+        else:
+            self._worker = ConnectorWorker(
+                host, port, float(extra.get("lease_s", DEFAULT_LEASE_S)),
+                float(extra.get("pull_timeout_s", DEFAULT_PULL_TIMEOUT_S)))
+
+    # --- worker side --------------------------------------------------------------------
+    def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
+        assert self._worker is not None
+        self._worker.register_kv_caches(kv_caches)
+
+    def _bound_metadata(self) -> ShuffleConnectorMetadata | None:
+        if not self.has_connector_metadata():
+            return None
+        meta = self._get_connector_metadata()
+        return meta if isinstance(meta, ShuffleConnectorMetadata) else None
+
+    def start_load_kv(self, forward_context: ForwardContext, **kwargs: Any) -> None:
+        assert self._worker is not None
+        if (meta := self._bound_metadata()) is not None:
+            self._worker.on_metadata(meta)
+
+    def wait_for_layer_load(self, layer_name: str) -> None:
+        return None  # loads are whole-request and finish before the request is scheduled
+
+    def save_kv_layer(self, layer_name: str, kv_layer: torch.Tensor,
+                      attn_metadata: AttentionMetadata, **kwargs: Any) -> None:
+        return None  # nothing is pushed: decode engines pull leased blocks
+
+    def wait_for_save(self) -> None:
+        assert self._worker is not None
+        if (meta := self._bound_metadata()) is not None:
+            self._worker.on_metadata(meta)
+
+    def get_finished(self, finished_req_ids: set[str]
+                     ) -> tuple[set[str] | None, set[str] | None]:
+        assert self._worker is not None
+        sending, recving = self._worker.get_finished(finished_req_ids)
+        return sending or None, recving or None
+
+    def get_block_ids_with_load_errors(self) -> set[int]:
+        assert self._worker is not None
+        return self._worker.get_block_ids_with_load_errors()
+
+    def get_kv_connector_stats(self) -> KVConnectorStats | None:
+        return self._worker.get_stats() if self._worker is not None else None
+
+    @classmethod
+    def build_kv_connector_stats(cls, data: dict[str, Any] | None = None
+                                 ) -> KVConnectorStats | None:
+        return ShuffleKVStats.from_dict(data)
+
+    def shutdown(self) -> None:
+        if self._worker is not None:
+            self._worker.shutdown()
+
+    # --- scheduler side -----------------------------------------------------------------
+    def get_num_new_matched_tokens(self, request: Request, num_computed_tokens: int
+                                   ) -> tuple[int | None, bool]:
+        assert self._scheduler is not None
+        return self._scheduler.get_num_new_matched_tokens(request, num_computed_tokens)
+
+    def update_state_after_alloc(self, request: Request, blocks: KVCacheBlocks,
+                                 num_external_tokens: int) -> None:
+        assert self._scheduler is not None
+        self._scheduler.update_state_after_alloc(request, blocks, num_external_tokens)
+
+    def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KVConnectorMetadata:
+        assert self._scheduler is not None
+        return self._scheduler.build_connector_meta()
+
+    def request_finished(self, request: Request, block_ids: list[int]
+                         ) -> tuple[bool, dict[str, Any] | None]:
+        assert self._scheduler is not None
+        return self._scheduler.request_finished(request, block_ids)

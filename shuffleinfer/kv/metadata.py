@@ -1,0 +1,57 @@
+"""What the two halves of the KV connector tell each other, and the transfer params.
+
+The scheduler half (in vLLM's EngineCore process) decides; the worker half (in the Worker
+process, next to the KV tensors) moves bytes. Each engine step the scheduler half packs
+its decisions into a `ShuffleConnectorMetadata`, vLLM pickles it to the worker half.
+
+`kv_transfer_params` keys (a plain dict, since it travels through vLLM and the api):
+- prefill request in:  {"do_remote_decode": True, "transfer_id": T}
+- prefill request out: {"do_remote_prefill": True, "transfer_id": T, "remote_host": H,
+  "remote_port": P, "remote_block_ids": [...], "remote_num_tokens": N}
+- decode request in:   the prefill's output params, unchanged.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorMetadata
+
+DO_REMOTE_DECODE = "do_remote_decode"
+DO_REMOTE_PREFILL = "do_remote_prefill"
+TRANSFER_ID = "transfer_id"
+REMOTE_HOST = "remote_host"
+REMOTE_PORT = "remote_port"
+REMOTE_BLOCK_IDS = "remote_block_ids"
+REMOTE_NUM_TOKENS = "remote_num_tokens"
+LOAD_STARTED = "_shuffle_load_started"
+"""Set on a decode request's params once its pull is planned, so it is never restarted."""
+
+
+@dataclass(frozen=True)
+class Lease:
+    """Prefill side: blocks of a finished prefill, held until pulled, released or expired."""
+
+    transfer_id: str
+    engine_req_id: str
+    block_ids: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class PlannedLoad:
+    """Decode side: remote blocks to pull into local blocks (same length, same order)."""
+
+    transfer_id: str
+    engine_req_id: str
+    remote_host: str
+    remote_port: int
+    remote_block_ids: tuple[int, ...]
+    local_block_ids: tuple[int, ...]
+
+
+@dataclass
+class ShuffleConnectorMetadata(KVConnectorMetadata):
+    """One engine step's news from the scheduler half to the worker half."""
+
+    new_leases: list[Lease] = field(default_factory=list)
+    new_loads: list[PlannedLoad] = field(default_factory=list)

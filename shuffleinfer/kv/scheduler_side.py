@@ -1,0 +1,123 @@
+"""Scheduler half of the KV connector: decides what to lease and what to pull.
+
+It runs in vLLM's EngineCore process, sees `Request` objects and block ids, and tells the
+worker half what to do through `ShuffleConnectorMetadata`, one engine step at a time.
+
+- Prefill engine: a request carrying {"do_remote_decode": True, "transfer_id": T} ends
+  after one token (`max_tokens=1`, FINISHED_LENGTH_CAPPED). `request_finished` keeps its
+  blocks (returns True) under a lease and returns the params a decode engine needs.
+- Decode engine: a request carrying those params asks `get_num_new_matched_tokens`, which
+  claims the remote prompt tokens the local prefix cache lacks and says "load async";
+  `update_state_after_alloc` maps the remote blocks onto the freshly allocated local ones.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import TYPE_CHECKING, Any
+
+from vllm.v1.request import RequestStatus
+
+from shuffleinfer.kv import metadata as m
+from shuffleinfer.kv import tcp
+
+if TYPE_CHECKING:
+    from vllm.v1.core.kv_cache_manager import KVCacheBlocks
+    from vllm.v1.request import Request
+
+logger = logging.getLogger(__name__)
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+class ConnectorScheduler:
+    """The scheduler half; `ShuffleKVConnector` forwards the scheduler-side calls here."""
+
+    def __init__(self, advertise_host: str, port: int, block_size: int) -> None:
+        self._host = advertise_host
+        self._port = port
+        self._block_size = block_size
+        self._new_leases: list[m.Lease] = []
+        self._new_loads: list[m.PlannedLoad] = []
+
+    def get_num_new_matched_tokens(self, request: Request, num_computed_tokens: int
+                                   ) -> tuple[int, bool]:
+        """Called when the engine schedules a waiting request: how many tokens to pull."""
+        params = request.kv_transfer_params
+        if not params or not params.get(m.DO_REMOTE_PREFILL) or params.get(m.LOAD_STARTED):
+            return 0, False
+        # At least one prompt token (the prefill's sampled token) is computed locally.
+        remote_tokens = min(int(params[m.REMOTE_NUM_TOKENS]), request.num_prompt_tokens - 1)
+        count = remote_tokens - num_computed_tokens
+        return (count, True) if count > 0 else (0, False)
+
+    def update_state_after_alloc(self, request: Request, blocks: KVCacheBlocks,
+                                 num_external_tokens: int) -> None:
+        """Called after blocks were allocated for the tokens claimed above."""
+        params = request.kv_transfer_params
+        if not params or not params.get(m.DO_REMOTE_PREFILL) or params.get(m.LOAD_STARTED):
+            return
+        params[m.LOAD_STARTED] = True
+        if num_external_tokens <= 0:
+            # Fully served by the local prefix cache: the remote lease is not needed.
+            self._release_async(params)
+            return
+        remote_tokens = min(int(params[m.REMOTE_NUM_TOKENS]), request.num_prompt_tokens - 1)
+        first_block = (remote_tokens - num_external_tokens) // self._block_size
+        num_blocks = _cdiv(remote_tokens, self._block_size) - first_block
+        remote = tuple(params[m.REMOTE_BLOCK_IDS][first_block:first_block + num_blocks])
+        local = tuple(blocks.get_unhashed_block_ids()[:num_blocks])
+        if len(local) != num_blocks or len(remote) != num_blocks:
+            raise RuntimeError(f"KV load plan for {request.request_id} does not line up: "
+                               f"{num_blocks} blocks, {len(local)} local, {len(remote)} remote")
+        self._new_loads.append(m.PlannedLoad(
+            transfer_id=str(params[m.TRANSFER_ID]), engine_req_id=request.request_id,
+            remote_host=str(params[m.REMOTE_HOST]), remote_port=int(params[m.REMOTE_PORT]),
+            remote_block_ids=remote, local_block_ids=local))
+
+    def build_connector_meta(self) -> m.ShuffleConnectorMetadata:
+        """Called once per engine step; hands this step's news to the worker half."""
+        meta = m.ShuffleConnectorMetadata(new_leases=self._new_leases,
+                                          new_loads=self._new_loads)
+        self._new_leases, self._new_loads = [], []
+        return meta
+
+    def request_finished(self, request: Request, block_ids: list[int]
+                         ) -> tuple[bool, dict[str, Any] | None]:
+        """Called once when a request ends, before its blocks are freed."""
+        params = request.kv_transfer_params
+        if not params:
+            return False, None
+        if params.get(m.DO_REMOTE_PREFILL) and not params.get(m.LOAD_STARTED):
+            # A decode request aborted before it was scheduled: free the prefill's lease.
+            self._release_async(params)
+            return False, None
+        if not params.get(m.DO_REMOTE_DECODE):
+            return False, None
+        if request.status != RequestStatus.FINISHED_LENGTH_CAPPED or not block_ids:
+            # Aborted, or finished by its first token (EOS or stop): nothing to hand over.
+            return False, None
+        tid = str(params[m.TRANSFER_ID])
+        self._new_leases.append(m.Lease(tid, request.request_id, tuple(block_ids)))
+        return True, {
+            m.DO_REMOTE_PREFILL: True,
+            m.TRANSFER_ID: tid,
+            m.REMOTE_HOST: self._host,
+            m.REMOTE_PORT: self._port,
+            m.REMOTE_BLOCK_IDS: list(block_ids),
+            m.REMOTE_NUM_TOKENS: min(request.num_computed_tokens, request.num_prompt_tokens),
+        }
+
+    @staticmethod
+    def _release_async(params: dict[str, Any]) -> None:
+        def run() -> None:
+            try:
+                tcp.release(str(params[m.REMOTE_HOST]), int(params[m.REMOTE_PORT]),
+                            str(params[m.TRANSFER_ID]))
+            except tcp.KVTransferError as e:
+                logger.warning("could not release KV lease early (it will expire): %s", e)
+
+        threading.Thread(target=run, name="shuffleinfer-kv-release", daemon=True).start()

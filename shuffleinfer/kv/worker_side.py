@@ -1,0 +1,202 @@
+"""Worker half of the KV connector: holds leases on the prefill side, pulls on the decode
+side. It lives in vLLM's Worker process, next to the KV cache tensors.
+
+Life of a hand-over, seen from here:
+- prefill engine: the scheduler half hands over a `Lease` (blocks of a finished prefill).
+  The lease waits in `_leases` until a decode worker pulls it, a client releases it, or it
+  expires; then its engine request id is reported in `finished_sending` and vLLM frees the
+  blocks.
+- decode engine: the scheduler half hands over a `PlannedLoad`. A background thread pulls
+  the remote blocks straight into the local blocks; when it ends, the request is reported
+  in `finished_recving` (and on failure its blocks in `get_block_ids_with_load_errors`,
+  so vLLM recomputes them).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import torch
+
+from shuffleinfer.kv import tcp
+from shuffleinfer.kv.metadata import Lease, PlannedLoad, ShuffleConnectorMetadata
+from shuffleinfer.kv.stats import ShuffleKVStats
+
+logger = logging.getLogger(__name__)
+
+_LEASE_WAIT_S = 5.0
+"""How long a pull waits for its lease to be registered (it may race the engine step)."""
+
+
+@dataclass
+class _HeldLease:
+    lease: Lease
+    expires_at: float
+    serving: bool = False
+
+
+class KVCacheViews:
+    """Byte views of whole KV blocks, layer by layer, over the engine's own tensors."""
+
+    def __init__(self, kv_caches: dict[str, torch.Tensor]) -> None:
+        self.layer_names = sorted(kv_caches)
+        self._layers = []
+        for name in self.layer_names:
+            t = kv_caches[name]
+            if t.device.type != "cpu":
+                raise ValueError(f"the tcp KV transport needs CPU tensors, {name} is on {t.device}")
+            if not t.is_contiguous():
+                raise ValueError(f"KV cache of {name} is not contiguous")
+            self._layers.append(t.reshape(t.shape[0], -1).view(torch.uint8).numpy())
+        self.dtype = str(next(iter(kv_caches.values())).dtype)
+        self.block_bytes = int(self._layers[0].shape[1])
+
+    @property
+    def layout(self) -> dict[str, object]:
+        return {"num_layers": len(self._layers), "block_bytes": self.block_bytes,
+                "dtype": self.dtype}
+
+    def check_layout(self, layout: dict[str, object]) -> None:
+        """Raise naming the first field where a peer's layout differs from ours."""
+        for key, value in self.layout.items():
+            if layout.get(key) != value:
+                raise tcp.KVTransferError(
+                    f"KV layout mismatch: {key} is {value} here, {layout.get(key)} at the peer"
+                )
+
+    def views(self, block_ids: tuple[int, ...]) -> list[memoryview]:
+        return [memoryview(layer[b]) for layer in self._layers for b in block_ids]
+
+
+class ConnectorWorker(tcp.KVSource):
+    """The worker half; `ShuffleKVConnector` forwards the worker-side calls here."""
+
+    def __init__(self, host: str, port: int, lease_s: float, pull_timeout_s: float) -> None:
+        self._host = host
+        self._port = port
+        self._lease_s = lease_s
+        self._pull_timeout_s = pull_timeout_s
+        self._lock = threading.Condition()
+        self._leases: dict[str, _HeldLease] = {}
+        self._done_sending: set[str] = set()
+        self._done_recving: set[str] = set()
+        self._load_errors: set[int] = set()
+        self._finished_seen: set[str] = set()
+        self._stats = ShuffleKVStats()
+        self._pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="shuffleinfer-kv-pull")
+        self._kv: KVCacheViews | None = None
+        self._server: tcp.KVServer | None = None
+        self._last_meta: ShuffleConnectorMetadata | None = None
+
+    # --- set-up -------------------------------------------------------------------------
+    def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
+        """Called once by vLLM after allocating the KV cache: start serving it."""
+        self._kv = KVCacheViews(kv_caches)
+        self._server = tcp.KVServer(self._host, self._port, self)
+        self._server.start()
+        logger.info("KV server on %s:%d, %d layers, %d bytes per block", self._host,
+                    self._port, len(self._kv.layer_names), self._kv.block_bytes)
+
+    def shutdown(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    # --- per step -----------------------------------------------------------------------
+    def on_metadata(self, meta: ShuffleConnectorMetadata) -> None:
+        """Called every engine step with the scheduler half's news (once per object)."""
+        if meta is self._last_meta:
+            return
+        self._last_meta = meta
+        now = time.monotonic()
+        with self._lock:
+            for lease in meta.new_leases:
+                self._leases[lease.transfer_id] = _HeldLease(lease, now + self._lease_s)
+            if meta.new_leases:
+                self._lock.notify_all()
+        for load in meta.new_loads:
+            self._pool.submit(self._pull, load)
+
+    def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str], set[str]]:
+        """Called every step: report ended sends (pulled/released/expired) and pulls."""
+        now = time.monotonic()
+        with self._lock:
+            self._finished_seen |= finished_req_ids
+            for tid, held in list(self._leases.items()):
+                if not held.serving and held.expires_at <= now:
+                    logger.warning("KV lease %s expired unpulled", tid)
+                    self._stats.record_expired()
+                    self._end_lease(tid)
+            sending = self._done_sending & self._finished_seen
+            self._done_sending -= sending
+            self._finished_seen -= sending
+            recving, self._done_recving = self._done_recving, set()
+        return sending, recving
+
+    def get_block_ids_with_load_errors(self) -> set[int]:
+        with self._lock:
+            errors, self._load_errors = self._load_errors, set()
+        return errors
+
+    def get_stats(self) -> ShuffleKVStats | None:
+        with self._lock:
+            if self._stats.is_empty():
+                return None
+            stats, self._stats = self._stats, ShuffleKVStats()
+        return stats
+
+    # --- prefill side: serving leases (server threads) ----------------------------------
+    def views_for_pull(self, request: tcp.PullRequest) -> list[memoryview]:
+        assert self._kv is not None, "KV server runs only after register_kv_caches"
+        self._kv.check_layout(request.layout)
+        deadline = time.monotonic() + _LEASE_WAIT_S
+        with self._lock:
+            while (held := self._leases.get(request.transfer_id)) is None:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise tcp.KVTransferError(f"no lease for transfer {request.transfer_id}")
+                self._lock.wait(remaining)
+            if held.serving:
+                raise tcp.KVTransferError(f"transfer {request.transfer_id} is already pulled")
+            unknown = set(request.block_ids) - set(held.lease.block_ids)
+            if unknown:
+                raise tcp.KVTransferError(f"blocks {sorted(unknown)} are not in the lease")
+            held.serving = True
+        return self._kv.views(request.block_ids)
+
+    def on_pull_done(self, transfer_id: str, ok: bool) -> None:
+        with self._lock:
+            self._end_lease(transfer_id)
+
+    def on_release(self, transfer_id: str) -> None:
+        with self._lock:
+            self._end_lease(transfer_id)
+
+    def _end_lease(self, transfer_id: str) -> None:
+        held = self._leases.pop(transfer_id, None)
+        if held is not None:
+            self._done_sending.add(held.lease.engine_req_id)
+
+    # --- decode side: pulling (pool threads) --------------------------------------------
+    def _pull(self, load: PlannedLoad) -> None:
+        assert self._kv is not None
+        started = time.perf_counter()
+        request = tcp.PullRequest(load.transfer_id, load.remote_block_ids, self._kv.layout)
+        try:
+            nbytes = tcp.pull(load.remote_host, load.remote_port, request,
+                              self._kv.views(load.local_block_ids), self._pull_timeout_s)
+        except Exception as e:  # noqa: BLE001 - any failure means: recompute these blocks
+            logger.warning("KV pull %s failed, its %d blocks will be recomputed: %s",
+                           load.transfer_id, len(load.local_block_ids), e)
+            with self._lock:
+                self._stats.record_failure()
+                self._load_errors.update(load.local_block_ids)
+                self._done_recving.add(load.engine_req_id)
+            return
+        with self._lock:
+            self._stats.record_transfer(nbytes, time.perf_counter() - started)
+            self._done_recving.add(load.engine_req_id)

@@ -1,0 +1,142 @@
+"""Messages that cross process boundaries: api <-> runtime <-> instances.
+
+A request's life cycle, seen through these messages:
+
+1. The api tokenises the HTTP body into a `GenerateRequest` (prompt token ids plus
+   `SamplingOptions`) and hands it to a `Backend`.
+2. The backend asks the global scheduler for a prefill instance, which runs the prompt in
+   fixed-size chunks and returns a `PrefillResult`: the first token (streamed to the client
+   at once) and the `kv_transfer_params` that let a decode instance pull the KV cache.
+3. The backend asks the scheduler for a decode instance, which continues from prompt plus
+   first token and yields `TokenDelta`s straight to the api (never through the scheduler).
+4. The last delta carries `finish_reason`; the backend reports completion to the scheduler.
+
+Everything here is a plain dataclass so it pickles through Ray and stays testable.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol
+
+FinishReason = Literal["stop", "length", "abort", "error"]
+
+
+@dataclass(frozen=True)
+class SamplingOptions:
+    """The sampling parameters a client may set; mapped 1:1 onto vLLM's SamplingParams."""
+
+    max_tokens: int
+    """Maximum number of generated tokens, the first token included (>= 1)."""
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    """Stop strings; the matched string is not part of the returned text."""
+    logprobs: int | None = None
+    """Number of top alternatives to return per token; None returns no logprobs at all."""
+    ignore_eos: bool = False
+    min_tokens: int = 0
+
+
+@dataclass(frozen=True)
+class GenerateRequest:
+    """One tokenised request, as the api hands it to the backend."""
+
+    req_id: str
+    prompt_token_ids: tuple[int, ...]
+    sampling: SamplingOptions
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """Log-probability of one sampled token and, if asked, its top alternatives."""
+
+    token_id: int
+    token: str
+    logprob: float
+    top: tuple[tuple[str, float], ...] = ()
+
+
+@dataclass(frozen=True)
+class TokenDelta:
+    """New output since the previous delta of the same request."""
+
+    token_ids: tuple[int, ...]
+    text: str
+    logprobs: tuple[TokenLogprob, ...] | None = None
+    finish_reason: FinishReason | None = None
+    prefill_instance: str | None = None
+    """Set on the delta produced by the prefill leg (the first token)."""
+    decode_instance: str | None = None
+    """Set on deltas produced by the decode leg."""
+
+
+@dataclass(frozen=True)
+class PrefillResult:
+    """What a prefill instance returns: the first token and where its KV cache waits."""
+
+    first: TokenDelta
+    kv_transfer_params: dict[str, Any] | None
+    """None when no decode is needed (the first token already finished the request)."""
+    num_cached_tokens: int = 0
+
+
+@dataclass(frozen=True)
+class InstanceLoad:
+    """One instance's load, as its actor reports it to the scheduler."""
+
+    instance_id: str
+    role: Literal["prefill", "decode"]
+    ready: bool
+    num_waiting_reqs: int = 0
+    num_running_reqs: int = 0
+    num_queued_prompt_tokens: int = 0
+
+
+@dataclass(frozen=True)
+class KVTransferStats:
+    """Cumulative KV hand-over counters of one decode instance."""
+
+    num_transfers: int = 0
+    num_failures: int = 0
+    num_bytes: int = 0
+    seconds: tuple[float, ...] = field(default_factory=tuple)
+    """Duration of each transfer not reported before (drained on read)."""
+
+
+@dataclass(frozen=True)
+class HealthReport:
+    """Cluster readiness, as /health shows it."""
+
+    ready: bool
+    instances: tuple[InstanceLoad, ...]
+
+
+class BackendUnavailableError(RuntimeError):
+    """Raised by `Backend.generate` (or its first iteration) when no instance can take the
+    request now: none is ready, or the queues are full. The api answers 503 so clients
+    retry later; any other exception from the backend becomes a 500."""
+
+
+class Backend(Protocol):
+    """What the HTTP api needs from the serving runtime (a real cluster or a test fake)."""
+
+    model_name: str
+    max_model_len: int
+    tokenizer: Any
+    """A Hugging Face tokenizer (encode, decode, apply_chat_template)."""
+
+    def generate(self, request: GenerateRequest) -> AsyncIterator[TokenDelta]:
+        """Stream the request's output. Closing the iterator early aborts the request on
+        every instance that holds it and frees its KV cache."""
+        ...
+
+    async def health(self) -> HealthReport:
+        """Called by GET /health; ready only when every instance is ready."""
+        ...
+
+    async def kv_stats(self) -> KVTransferStats:
+        """Called by GET /metrics: KV hand-over counters summed over decode instances."""
+        ...

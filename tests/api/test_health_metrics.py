@@ -1,0 +1,129 @@
+"""GET /health, GET /v1/models and GET /metrics."""
+
+from __future__ import annotations
+
+import httpx
+from fastapi import FastAPI
+
+from shuffleinfer.api import create_app
+from shuffleinfer.protocol import KVTransferStats
+
+from .conftest import FakeBackend, metric
+
+CHAT = {"messages": [{"role": "user", "content": "Hi!"}]}
+
+
+async def test_health_is_200_when_ready_and_503_when_not(
+    client: httpx.AsyncClient, backend: FakeBackend
+) -> None:
+    response = await client.get("/health")
+    assert response.status_code == 200
+    body = response.json()
+    assert body["status"] == "ok"
+    assert [(i["instance_id"], i["role"], i["ready"]) for i in body["instances"]] == [
+        ("prefill-0", "prefill", True), ("decode-0", "decode", True)]
+
+    backend.ready = False
+    response = await client.get("/health")
+    assert response.status_code == 503
+    assert response.json()["status"] == "unavailable"
+    assert response.json()["instances"][0]["ready"] is False
+
+
+async def test_metrics_count_requests_tokens_and_instances(
+    client: httpx.AsyncClient, backend: FakeBackend
+) -> None:
+    ok = await client.post("/v1/chat/completions", json=CHAT)
+    await client.post("/v1/chat/completions", json={**CHAT, "stream": True})
+    await client.post("/v1/chat/completions", json={**CHAT, "n": 3})
+
+    text = (await client.get("/metrics")).text
+    chat = "/v1/chat/completions"
+    assert metric(text, "shuffleinfer_requests_total", endpoint=chat, status="200") == 2
+    assert metric(text, "shuffleinfer_requests_total", endpoint=chat, status="400") == 1
+    # One count per request, not per delta.
+    assert metric(text, "shuffleinfer_requests_prefilled_total", instance="prefill-0") == 2
+    assert metric(text, "shuffleinfer_requests_decoded_total", instance="decode-0") == 2
+    usage = ok.json()["usage"]
+    assert metric(text, "shuffleinfer_prompt_tokens_total") == 2 * usage["prompt_tokens"]
+    assert metric(text, "shuffleinfer_generation_tokens_total") == 2 * usage[
+        "completion_tokens"]
+    for name in ("shuffleinfer_time_to_first_token_seconds",
+                 "shuffleinfer_e2e_request_latency_seconds"):
+        assert metric(text, f"{name}_count") == 2
+    assert metric(text, "shuffleinfer_inter_token_latency_seconds_count") == 2 * (
+        usage["completion_tokens"] - 1)
+    for name in ("shuffleinfer_kv_transfers_total", "shuffleinfer_kv_transfer_failures_total",
+                 "shuffleinfer_kv_transfer_bytes_total",
+                 "shuffleinfer_kv_transfer_seconds_count"):
+        assert f"\n{name} " in text
+
+
+async def test_ttft_and_inter_token_latency_follow_the_backend_pace(
+    client: httpx.AsyncClient, backend: FakeBackend
+) -> None:
+    backend.first_delay_s, backend.delay_s = 0.15, 0.03
+
+    await client.post("/v1/completions", json={"prompt": "x", "max_tokens": 5, "stream": True})
+
+    text = (await client.get("/metrics")).text
+    ttft_s = metric(text, "shuffleinfer_time_to_first_token_seconds_sum")
+    itl_mean_s = (metric(text, "shuffleinfer_inter_token_latency_seconds_sum")
+                  / metric(text, "shuffleinfer_inter_token_latency_seconds_count"))
+    e2e_s = metric(text, "shuffleinfer_e2e_request_latency_seconds_sum")
+    assert 0.15 <= ttft_s < 0.5
+    assert 2.5 < ttft_s / itl_mean_s < 10  # 0.15 s vs 0.03 s
+    assert e2e_s >= ttft_s + 4 * 0.03
+
+
+async def test_kv_counters_follow_the_backend_totals(
+    client: httpx.AsyncClient, backend: FakeBackend
+) -> None:
+    backend.kv = KVTransferStats(num_transfers=3, num_failures=1, num_bytes=3000,
+                                 seconds=(0.01, 0.02))
+    text = (await client.get("/metrics")).text
+    assert metric(text, "shuffleinfer_kv_transfers_total") == 3
+    assert metric(text, "shuffleinfer_kv_transfer_failures_total") == 1
+    assert metric(text, "shuffleinfer_kv_transfer_bytes_total") == 3000
+    assert metric(text, "shuffleinfer_kv_transfer_seconds_count") == 2
+
+    backend.kv = KVTransferStats(num_transfers=5, num_failures=1, num_bytes=5000,
+                                 seconds=(0.03,))
+    text = (await client.get("/metrics")).text
+    assert metric(text, "shuffleinfer_kv_transfers_total") == 5
+    assert metric(text, "shuffleinfer_kv_transfer_bytes_total") == 5000
+    assert metric(text, "shuffleinfer_kv_transfer_seconds_count") == 3
+    assert abs(metric(text, "shuffleinfer_kv_transfer_seconds_sum") - 0.06) < 1e-9
+
+
+async def test_failing_kv_stats_still_serves_metrics_and_counts_the_failure(
+    client: httpx.AsyncClient, backend: FakeBackend
+) -> None:
+    async def broken() -> KVTransferStats:
+        raise ConnectionError("decode instance gone")
+
+    backend.kv_stats = broken  # type: ignore[method-assign]
+    response = await client.get("/metrics")
+    assert response.status_code == 200
+    assert metric(response.text, "shuffleinfer_kv_stats_errors_total") == 1
+
+
+async def test_two_apps_keep_separate_metrics(app: FastAPI, backend: FakeBackend) -> None:
+    other = create_app(backend)
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app),
+                                 base_url="http://test") as first, \
+            httpx.AsyncClient(transport=httpx.ASGITransport(app=other),
+                              base_url="http://test") as second:
+        await first.post("/v1/chat/completions", json=CHAT)
+        name = "shuffleinfer_requests_total"
+        labels = {"endpoint": "/v1/chat/completions", "status": "200"}
+        assert metric((await first.get("/metrics")).text, name, **labels) == 1
+        assert metric((await second.get("/metrics")).text, name, **labels) == 0
+
+
+async def test_models_lists_the_served_name(client: httpx.AsyncClient,
+                                            backend: FakeBackend) -> None:
+    body = (await client.get("/v1/models")).json()
+    assert body["object"] == "list"
+    assert [(m["id"], m["object"], m["root"]) for m in body["data"]] == [
+        ("smol", "model", backend.model_name)]
