@@ -108,8 +108,12 @@ class EngineInstance:
         """Build the engine (loads the model; about 30 s on CPU). Called once."""
         from vllm.v1.engine.async_llm import AsyncLLM
 
-        self._engine = AsyncLLM.from_engine_args(
-            build_engine_args(self.spec), stat_loggers=[self._stats.factory])
+        try:
+            self._engine = AsyncLLM.from_engine_args(
+                build_engine_args(self.spec), stat_loggers=[self._stats.factory])
+        except Exception as e:
+            # vLLM's errors do not always pickle; the caller needs a readable reason.
+            raise RuntimeError(f"{self.spec.instance_id}: engine failed to start: {e}") from None
         max_len = int(self._engine.model_config.max_model_len)
         logger.info("%s ready (%s, max_model_len %d)", self.spec.instance_id,
                     self.spec.role, max_len)

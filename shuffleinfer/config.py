@@ -1,0 +1,91 @@
+"""User-facing configuration of `shuffleinfer serve`.
+
+One `ServeConfig` can be written as YAML (`--config FILE.yaml`) and overridden by CLI
+flags. Unknown keys and out-of-range values are errors naming the field. vLLM engine
+arguments pass through untouched in `engine_args`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from shuffleinfer.scheduler.policies.placement import PLACEMENT_POLICIES
+
+DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+
+
+class ServeConfig(BaseModel):
+    """Everything `shuffleinfer serve` needs to start a cluster and its HTTP server."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, protected_namespaces=())
+
+    model: str = Field(DEFAULT_MODEL_NAME, description=(
+        "Embedded model name, Hugging Face model id, or local path."))
+    served_model_name: str | None = Field(None, description=(
+        "Name clients put in `model`; defaults to the model argument."))
+    host: str = Field("127.0.0.1", description="HTTP bind address.")
+    port: int = Field(8000, ge=0, le=65535, description="HTTP port (0 picks a free one).")
+    num_prefill: int = Field(1, ge=1, le=1024, description="Prefill instances.")
+    num_decode: int = Field(1, ge=1, le=1024, description="Decode instances.")
+    chunk_size: int = Field(512, ge=16, le=1 << 20, description=(
+        "Prefill chunk in tokens (vLLM max_num_batched_tokens on every instance)."))
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
+        "auto", description=(
+            "Model and KV cache dtype, the same on every instance. auto: float32 on CPU "
+            "(bf16 near-ties flip greedy answers of small models), the model's own on GPU."))
+    max_model_len: int | None = Field(4096, ge=16, description=(
+        "Context length; None uses the model's own."))
+    kv_cache_gib: int = Field(2, ge=1, description=(
+        "KV cache per instance on CPU, GiB (VLLM_CPU_KVCACHE_SPACE)."))
+    cpus_per_instance: int = Field(1, ge=1, description=(
+        "Cores bound to each instance's engine on CPU (and its Ray CPU request)."))
+    kv_host: str = Field("127.0.0.1", description="Interface the KV servers bind to.")
+    kv_lease_s: float = Field(30.0, gt=0, description=(
+        "Seconds a prefilled KV cache waits for its decode before it is freed."))
+    address: str | None = Field(None, description=(
+        "Ray cluster to join (auto or HOST:PORT); None starts a local one."))
+    api_key: str | None = Field(None, description="If set, /v1 needs this Bearer token.")
+    prefill_policy: str = Field("least_load", description="Prefill placement policy.")
+    decode_policy: str = Field("least_load", description="Decode placement policy.")
+    cache_dir: Path | None = Field(None, description=(
+        "Where embedded models are prepared (default ~/.cache/shuffleinfer/models)."))
+    engine_args: dict[str, Any] = Field(default_factory=dict, description=(
+        "Extra vLLM engine arguments, passed through as given."))
+
+    @field_validator("prefill_policy", "decode_policy")
+    @classmethod
+    def _known_policy(cls, name: str) -> str:
+        if name not in PLACEMENT_POLICIES:
+            raise ValueError(f"unknown policy {name!r}; known: {', '.join(PLACEMENT_POLICIES)}")
+        return name
+
+    @field_validator("engine_args")
+    @classmethod
+    def _not_owned(cls, args: dict[str, Any]) -> dict[str, Any]:
+        owned = {"model", "kv_transfer_config", "max_num_batched_tokens", "dtype",
+                 "max_model_len"} & set(args)
+        if owned:
+            raise ValueError(f"set {', '.join(sorted(owned))} with its own option, "
+                             "not through engine_args")
+        return args
+
+    @property
+    def num_instances(self) -> int:
+        return self.num_prefill + self.num_decode
+
+
+def load_config(path: Path | None, overrides: dict[str, Any]) -> ServeConfig:
+    """Read a YAML config (if any) and apply CLI overrides on top; raises ValueError or
+    pydantic.ValidationError naming the bad field."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        loaded = yaml.safe_load(path.read_text())
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ValueError(f"{path}: expected a mapping of options, got {type(loaded).__name__}")
+        data = dict(loaded or {})
+    data.update(overrides)
+    return ServeConfig.model_validate(data)

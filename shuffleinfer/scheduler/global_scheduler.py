@@ -1,0 +1,96 @@
+"""The global scheduler: decides where each request's prefill and decode run.
+
+A request's life in the request table:
+  schedule_prefill -> PREFILLING on a prefill instance (its prompt tokens count as queued
+  load there) -> prefill_done -> schedule_decode -> DECODING on a decode instance (counts
+  as a running request there) -> finish (removed). A request may finish in any state
+  (aborted, failed, or done after its first token).
+It only decides and counts: tokens never pass through it. Ray-free; the runtime wraps it
+in a one-line actor.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+from shuffleinfer.scheduler.policies.placement import InstanceView, make_placement_policy
+
+
+class Phase(enum.Enum):
+    PREFILLING = "prefilling"
+    WAITING_DECODE = "waiting_decode"
+    DECODING = "decoding"
+
+
+@dataclass
+class RequestEntry:
+    """One in-flight request in the table."""
+
+    req_id: str
+    num_prompt_tokens: int
+    prefill_id: str
+    phase: Phase = Phase.PREFILLING
+    decode_id: str | None = None
+
+
+class NoInstanceError(RuntimeError):
+    """No instance of the needed role is available."""
+
+
+class GlobalScheduler:
+    """Request table plus placement decisions for both legs."""
+
+    def __init__(self, prefill_ids: list[str], decode_ids: list[str],
+                 prefill_policy: str = "least_load", decode_policy: str = "least_load") -> None:
+        if not prefill_ids or not decode_ids:
+            raise ValueError("need at least one prefill and one decode instance")
+        self._prefill_ids = list(prefill_ids)
+        self._decode_ids = list(decode_ids)
+        self._prefill_policy = make_placement_policy(prefill_policy)
+        self._decode_policy = make_placement_policy(decode_policy)
+        self._table: dict[str, RequestEntry] = {}
+
+    def _views(self, ids: list[str]) -> list[InstanceView]:
+        running = dict.fromkeys(ids, 0)
+        queued = dict.fromkeys(ids, 0)
+        for e in self._table.values():
+            if e.phase is Phase.PREFILLING and e.prefill_id in queued:
+                queued[e.prefill_id] += e.num_prompt_tokens
+                running[e.prefill_id] += 1
+            elif e.phase is Phase.DECODING and e.decode_id in running:
+                running[e.decode_id] += 1
+        return [InstanceView(i, running[i], queued[i]) for i in ids]
+
+    def schedule_prefill(self, req_id: str, num_prompt_tokens: int) -> str:
+        """Called when a request arrives: pick its prefill instance."""
+        if req_id in self._table:
+            raise ValueError(f"request {req_id} is already scheduled")
+        prefill_id = self._prefill_policy.place(self._views(self._prefill_ids))
+        self._table[req_id] = RequestEntry(req_id, num_prompt_tokens, prefill_id)
+        return prefill_id
+
+    def prefill_done(self, req_id: str) -> None:
+        """Called when the first token is out: the prompt no longer loads the prefill."""
+        if (entry := self._table.get(req_id)) is not None:
+            entry.phase = Phase.WAITING_DECODE
+
+    def schedule_decode(self, req_id: str) -> str:
+        """Called after prefill_done when more tokens are wanted: pick the decode instance."""
+        entry = self._table.get(req_id)
+        if entry is None:
+            raise ValueError(f"request {req_id} is not scheduled")
+        entry.decode_id = self._decode_policy.place(self._views(self._decode_ids))
+        entry.phase = Phase.DECODING
+        return entry.decode_id
+
+    def finish(self, req_id: str) -> None:
+        """Called once when a request ends for any reason (idempotent)."""
+        self._table.pop(req_id, None)
+
+    def num_inflight(self) -> dict[str, int]:
+        """Requests currently held per instance (prefilling or decoding)."""
+        counts = dict.fromkeys(self._prefill_ids + self._decode_ids, 0)
+        for view in self._views(self._prefill_ids) + self._views(self._decode_ids):
+            counts[view.instance_id] = view.num_running_reqs
+        return counts

@@ -1,0 +1,51 @@
+"""`shuffleinfer serve`: prepare the model, launch the cluster, run the HTTP server."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+
+from shuffleinfer.config import ServeConfig
+
+logger = logging.getLogger("shuffleinfer.serve")
+
+
+def build_app(config: ServeConfig) -> tuple[object, object]:
+    """Start everything but the HTTP server; returns (FastAPI app, cluster handles)."""
+    import ray
+    from transformers import AutoTokenizer
+
+    from shuffleinfer.api import create_app
+    from shuffleinfer.model import resolve_model
+    from shuffleinfer.runtime.backend import RayBackend
+    from shuffleinfer.runtime.cluster import init_ray, launch
+
+    model_path = resolve_model(config.model, config.cache_dir)
+    init_ray(config)
+    print(f"shuffleinfer: starting {config.num_prefill} prefill and {config.num_decode} "
+          f"decode instances of {model_path} on Ray "
+          f"({ray.cluster_resources().get('CPU', 0):.0f} CPUs)", file=sys.stderr, flush=True)
+    handles, infos = asyncio.run(launch(config, model_path))
+    name = config.served_model_name or config.model
+    backend = RayBackend(handles, model_name=name,
+                         max_model_len=min(i.max_model_len for i in infos),
+                         tokenizer=AutoTokenizer.from_pretrained(model_path))
+    app = create_app(backend, served_model_name=name, api_key=config.api_key)
+    return app, handles
+
+
+def serve(config: ServeConfig) -> int:
+    """Run until interrupted; every engine is stopped on the way out."""
+    import uvicorn
+
+    from shuffleinfer.runtime.cluster import shutdown
+
+    app, handles = build_app(config)
+    print(f"shuffleinfer: ready on http://{config.host}:{config.port} "
+          f"(model {config.served_model_name or config.model})", file=sys.stderr, flush=True)
+    try:
+        uvicorn.run(app, host=config.host, port=config.port, log_level="warning")  # type: ignore[arg-type]
+    finally:
+        shutdown(handles)  # type: ignore[arg-type]
+    return 0
