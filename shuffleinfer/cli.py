@@ -56,6 +56,8 @@ def add_serve_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _flag_name(field: str) -> str:
+    if field == "engine_args" or field.startswith("engine_args."):
+        return "--engine-arg"
     return f"--{field.replace('_', '-')}" if field in _SERVE_FLAGS else field
 
 

@@ -83,9 +83,17 @@ def load_config(path: Path | None, overrides: dict[str, Any]) -> ServeConfig:
     pydantic.ValidationError naming the bad field."""
     data: dict[str, Any] = {}
     if path is not None:
-        loaded = yaml.safe_load(path.read_text())
+        try:
+            loaded = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as e:
+            raise ValueError(f"{path}: not valid YAML: {e}") from e
         if loaded is not None and not isinstance(loaded, dict):
             raise ValueError(f"{path}: expected a mapping of options, got {type(loaded).__name__}")
         data = dict(loaded or {})
+    overrides = dict(overrides)
+    file_engine_args, flag_engine_args = data.get("engine_args"), overrides.get("engine_args")
+    if isinstance(file_engine_args, dict) and isinstance(flag_engine_args, dict):
+        # Flags override the file key by key: one --engine-arg must not drop the others.
+        overrides["engine_args"] = {**file_engine_args, **flag_engine_args}
     data.update(overrides)
     return ServeConfig.model_validate(data)

@@ -93,6 +93,8 @@ class InstanceLoad:
     num_waiting_reqs: int = 0
     num_running_reqs: int = 0
     num_queued_prompt_tokens: int = 0
+    kv_cache_usage: float = 0.0
+    """Fraction of the engine's KV blocks in use, as of its last step (0 when idle)."""
 
 
 @dataclass(frozen=True)

@@ -198,16 +198,12 @@ class EngineInstance:
             num_waiting_reqs=sched.num_waiting_reqs if sched else 0,
             num_running_reqs=self._num_inflight,
             num_queued_prompt_tokens=self._queued_prompt_tokens,
+            kv_cache_usage=sched.kv_cache_usage if sched else 0.0,
         )
 
     def kv_stats(self) -> KVTransferStats:
         """Cumulative KV hand-over counters; per-transfer seconds are drained."""
         return self._stats.kv_stats()
-
-    def free_kv_blocks_fraction(self) -> float:
-        """1 - the engine's KV cache usage, as last reported (tests check leaks with it)."""
-        sched = self._stats.latest
-        return 1.0 - (sched.kv_cache_usage if sched else 0.0)
 
     def shutdown(self) -> None:
         if self._engine is not None:

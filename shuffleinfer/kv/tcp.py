@@ -110,6 +110,9 @@ class _Handler(socketserver.BaseRequestHandler):
         source: KVSource = self.server.source  # type: ignore[attr-defined]
         sock: socket.socket = self.request
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        # Without a timeout a peer that stops reading would pin a served lease forever
+        # (serving leases never expire): the send times out and the lease ends instead.
+        sock.settimeout(self.server.io_timeout_s)  # type: ignore[attr-defined]
         try:
             header = recv_frame(sock)
         except (OSError, KVTransferError, ValueError) as e:
@@ -148,13 +151,21 @@ class _Server(socketserver.ThreadingTCPServer):
 
 
 class KVServer:
-    """Serves pulls of leased blocks on a background thread."""
+    """Serves pulls of leased blocks on a background thread.
 
-    def __init__(self, host: str, port: int, source: KVSource) -> None:
+    `io_timeout_s` bounds each socket operation of a connection, so a peer that stalls
+    mid-transfer cannot hold a lease forever.
+    """
+
+    def __init__(self, host: str, port: int, source: KVSource,
+                 io_timeout_s: float = 30.0) -> None:
         self._server = _Server((host, port), _Handler)
         self._server.source = source  # type: ignore[attr-defined]
+        self._server.io_timeout_s = io_timeout_s  # type: ignore[attr-defined]
+        # A short poll interval only so that close() (engine shutdown) returns promptly.
         self._thread = threading.Thread(
-            target=self._server.serve_forever, name="shuffleinfer-kv-server", daemon=True
+            target=self._server.serve_forever, kwargs={"poll_interval": 0.05},
+            name="shuffleinfer-kv-server", daemon=True,
         )
 
     @property
@@ -184,24 +195,28 @@ def pull(
     timeout_s: float,
     on_bytes: Callable[[int], None] | None = None,
 ) -> int:
-    """Pull the requested blocks into `dest_views` (same order); returns bytes received."""
+    """Pull the requested blocks into `dest_views` (same order); returns bytes received.
+
+    Raises KVTransferError naming the transfer on any failure: refused, unreachable,
+    timed out, or the server gone mid-transfer.
+    """
     try:
         with _connect(host, port, timeout_s) as sock:
             send_frame(sock, {"op": "pull", "transfer_id": request.transfer_id,
                               "block_ids": list(request.block_ids), "layout": request.layout})
             reply = recv_frame(sock)
-            if not reply.get("ok"):
-                raise KVTransferError(f"KV server refused {request.transfer_id}: "
-                                      f"{reply.get('error')}")
-            total = 0
-            for view in dest_views:
-                recv_exact_into(sock, view)
-                total += len(view)
-                if on_bytes is not None:
-                    on_bytes(len(view))
-            return total
-    except OSError as e:
+            if reply.get("ok"):
+                total = 0
+                for view in dest_views:
+                    recv_exact_into(sock, view)
+                    total += len(view)
+                    if on_bytes is not None:
+                        on_bytes(len(view))
+                return total
+    except (OSError, ValueError, KVTransferError) as e:
+        # ValueError: a reply that is not JSON. Everything surfaces as one error type.
         raise KVTransferError(f"pull of {request.transfer_id} from {host}:{port}: {e}") from e
+    raise KVTransferError(f"KV server refused {request.transfer_id}: {reply.get('error')}")
 
 
 def release(host: str, port: int, transfer_id: str, timeout_s: float = 5.0) -> None:
@@ -210,5 +225,5 @@ def release(host: str, port: int, transfer_id: str, timeout_s: float = 5.0) -> N
         with _connect(host, port, timeout_s) as sock:
             send_frame(sock, {"op": "release", "transfer_id": transfer_id})
             recv_frame(sock)
-    except OSError as e:
+    except (OSError, ValueError, KVTransferError) as e:
         raise KVTransferError(f"release of {transfer_id} at {host}:{port}: {e}") from e

@@ -31,6 +31,10 @@ logger = logging.getLogger(__name__)
 _LEASE_WAIT_S = 5.0
 """How long a pull waits for its lease to be registered (it may race the engine step)."""
 
+_FINISHED_MEMORY_S = 60.0
+"""How long a finished req id with no lease is remembered, in case its lease comes later.
+Without a bound every request the engine ever finished would stay in memory."""
+
 
 @dataclass
 class _HeldLease:
@@ -52,13 +56,17 @@ class KVCacheViews:
             if not t.is_contiguous():
                 raise ValueError(f"KV cache of {name} is not contiguous")
             self._layers.append(t.reshape(t.shape[0], -1).view(torch.uint8).numpy())
-        self.dtype = str(next(iter(kv_caches.values())).dtype)
+        first = kv_caches[self.layer_names[0]]
+        self.dtype = str(first.dtype)
+        # [kv_heads, block_size, 2 * head_size]: equal bytes per block are not enough,
+        # e.g. twice the heads in half the block size would load garbage.
+        self.block_shape = [int(d) for d in first.shape[1:]]
         self.block_bytes = int(self._layers[0].shape[1])
 
     @property
     def layout(self) -> dict[str, object]:
         return {"num_layers": len(self._layers), "block_bytes": self.block_bytes,
-                "dtype": self.dtype}
+                "block_shape": self.block_shape, "dtype": self.dtype}
 
     def check_layout(self, layout: dict[str, object]) -> None:
         """Raise naming the first field where a peer's layout differs from ours."""
@@ -75,17 +83,19 @@ class KVCacheViews:
 class ConnectorWorker(tcp.KVSource):
     """The worker half; `ShuffleKVConnector` forwards the worker-side calls here."""
 
-    def __init__(self, host: str, port: int, lease_s: float, pull_timeout_s: float) -> None:
+    def __init__(self, host: str, port: int, lease_s: float, pull_timeout_s: float,
+                 lease_wait_s: float = _LEASE_WAIT_S) -> None:
         self._host = host
         self._port = port
         self._lease_s = lease_s
         self._pull_timeout_s = pull_timeout_s
+        self._lease_wait_s = lease_wait_s
         self._lock = threading.Condition()
         self._leases: dict[str, _HeldLease] = {}
         self._done_sending: set[str] = set()
         self._done_recving: set[str] = set()
         self._load_errors: set[int] = set()
-        self._finished_seen: set[str] = set()
+        self._finished_seen: dict[str, float] = {}  # req id -> first seen, oldest first
         self._stats = ShuffleKVStats()
         self._pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="shuffleinfer-kv-pull")
         self._kv: KVCacheViews | None = None
@@ -96,10 +106,18 @@ class ConnectorWorker(tcp.KVSource):
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
         """Called once by vLLM after allocating the KV cache: start serving it."""
         self._kv = KVCacheViews(kv_caches)
-        self._server = tcp.KVServer(self._host, self._port, self)
+        self._server = tcp.KVServer(self._host, self._port, self,
+                                    io_timeout_s=self._pull_timeout_s)
         self._server.start()
-        logger.info("KV server on %s:%d, %d layers, %d bytes per block", self._host,
-                    self._port, len(self._kv.layer_names), self._kv.block_bytes)
+        logger.info("KV server on %s:%d, %d layers, %d bytes per block", *self.address,
+                    len(self._kv.layer_names), self._kv.block_bytes)
+
+    @property
+    def address(self) -> tuple[str, int]:
+        """Where the KV server listens (the bound port when configured with port 0)."""
+        if self._server is None:
+            raise RuntimeError("the KV server starts in register_kv_caches")
+        return self._server.address
 
     def shutdown(self) -> None:
         if self._server is not None:
@@ -125,17 +143,34 @@ class ConnectorWorker(tcp.KVSource):
         """Called every step: report ended sends (pulled/released/expired) and pulls."""
         now = time.monotonic()
         with self._lock:
-            self._finished_seen |= finished_req_ids
+            for req_id in finished_req_ids:
+                self._finished_seen.setdefault(req_id, now)
             for tid, held in list(self._leases.items()):
                 if not held.serving and held.expires_at <= now:
                     logger.warning("KV lease %s expired unpulled", tid)
                     self._stats.record_expired()
                     self._end_lease(tid)
-            sending = self._done_sending & self._finished_seen
+            sending = {r for r in self._done_sending if r in self._finished_seen}
             self._done_sending -= sending
-            self._finished_seen -= sending
+            for req_id in sending:
+                del self._finished_seen[req_id]
+            self._forget_old_finished(now)
             recving, self._done_recving = self._done_recving, set()
         return sending, recving
+
+    def _forget_old_finished(self, now: float) -> None:
+        """Drop finished req ids older than _FINISHED_MEMORY_S that no lease still needs."""
+        cutoff = now - _FINISHED_MEMORY_S
+        oldest = next(iter(self._finished_seen.values()), None)
+        if oldest is None or oldest > cutoff:
+            return
+        needed = {h.lease.engine_req_id for h in self._leases.values()} | self._done_sending
+        for req_id, seen_at in list(self._finished_seen.items()):
+            if seen_at > cutoff:
+                break
+            del self._finished_seen[req_id]
+            if req_id in needed:
+                self._finished_seen[req_id] = now  # still leased: keep, re-queued as new
 
     def get_block_ids_with_load_errors(self) -> set[int]:
         with self._lock:
@@ -153,7 +188,7 @@ class ConnectorWorker(tcp.KVSource):
     def views_for_pull(self, request: tcp.PullRequest) -> list[memoryview]:
         assert self._kv is not None, "KV server runs only after register_kv_caches"
         self._kv.check_layout(request.layout)
-        deadline = time.monotonic() + _LEASE_WAIT_S
+        deadline = time.monotonic() + self._lease_wait_s
         with self._lock:
             while (held := self._leases.get(request.transfer_id)) is None:
                 remaining = deadline - time.monotonic()

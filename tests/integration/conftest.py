@@ -1,0 +1,114 @@
+"""A real deployment for the integration tests: `shuffleinfer serve` in a subprocess
+(real Ray, one prefill and one decode vLLM engine, the real HTTP server), started once
+per session, plus helpers to pick real prompts from ../shared/data."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+PROMPTS_FILE = REPO.parent / "shared" / "data" / "prompts" / "mixed_tasks.jsonl.gz"
+CHUNK_SIZE = 256
+MAX_MODEL_LEN = 2048
+STARTUP_TIMEOUT_S = 600
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="session")
+def model_path() -> str:
+    from shuffleinfer.model import resolve_model
+
+    return resolve_model("SmolLM2-135M-Instruct")
+
+
+@pytest.fixture(scope="session")
+def tokenizer(model_path: str):  # noqa: ANN201 - a Hugging Face tokenizer
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(model_path)
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """Base URL of a running `shuffleinfer serve` (1 prefill + 1 decode, chunk 256)."""
+    port = _free_port()
+    log_path = tmp_path_factory.mktemp("serve") / "serve.log"
+    cmd = [sys.executable, "-m", "shuffleinfer", "serve", "--port", str(port),
+           "--chunk-size", str(CHUNK_SIZE), "--max-model-len", str(MAX_MODEL_LEN),
+           "--kv-cache-gib", "1"]
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + STARTUP_TIMEOUT_S
+    try:
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"shuffleinfer serve exited with {proc.returncode}:\n"
+                            f"{log_path.read_text()[-4000:]}")
+            try:
+                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"server not ready in {STARTUP_TIMEOUT_S} s:\n"
+                            f"{log_path.read_text()[-4000:]}")
+            time.sleep(2)
+        yield url
+    finally:
+        os.killpg(proc.pid, signal.SIGINT)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def real_chat_prompts(tokenizer, buckets: list[tuple[int, int]]) -> list[list[int]]:  # noqa: ANN001
+    """One real prompt (chat-templated token ids) per [lo, hi) token-length bucket, taken
+    in file order from the shared mixed-task prompts, so runs are reproducible."""
+    found: dict[tuple[int, int], list[int]] = {}
+    with gzip.open(PROMPTS_FILE, "rt") as f:
+        for line in f:
+            row = json.loads(line)
+            text = tokenizer.apply_chat_template(row["messages"], add_generation_prompt=True,
+                                                 tokenize=False)
+            ids = tokenizer(text, add_special_tokens=False).input_ids
+            for bucket in buckets:
+                if bucket not in found and bucket[0] <= len(ids) < bucket[1]:
+                    found[bucket] = ids
+                    break
+            if len(found) == len(buckets):
+                break
+    missing = [b for b in buckets if b not in found]
+    if missing:
+        raise RuntimeError(f"no prompt of {missing} tokens in {PROMPTS_FILE}")
+    return [found[b] for b in buckets]
+
+
+def metric_values(url: str, name: str) -> dict[str, float]:
+    """Samples of one Prometheus metric from /metrics, keyed by their label text."""
+    values: dict[str, float] = {}
+    for line in httpx.get(f"{url}/metrics", timeout=10).text.splitlines():
+        if line.startswith(name + "{") or line.startswith(name + " "):
+            key, _, value = line.rpartition(" ")
+            values[key[len(name):]] = float(value)
+    return values

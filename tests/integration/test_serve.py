@@ -1,0 +1,143 @@
+"""End-to-end behaviour of a real disaggregated deployment (see conftest.server)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from tests.integration.conftest import CHUNK_SIZE, MAX_MODEL_LEN, metric_values, real_chat_prompts
+
+pytestmark = pytest.mark.engine
+
+MAX_TOKENS = 32
+BUCKETS = [(20, 40), (40, 80), (80, 160), (160, 250), (250, 400), (400, 600), (600, 800),
+           (800, 1000), (1000, 1250), (1250, 1500)]
+
+
+@pytest.fixture(scope="module")
+def prompts(tokenizer) -> list[list[int]]:  # noqa: ANN001
+    short = tokenizer("The capital of France is", add_special_tokens=False).input_ids
+    return [short] + real_chat_prompts(tokenizer, BUCKETS)
+
+
+@pytest.fixture(scope="module")
+def reference(model_path: str, prompts: list[list[int]], tmp_path_factory) -> list[dict]:  # noqa: ANN001
+    """Greedy outputs of one colocated stock vLLM engine (float32, like the server)."""
+    tmp = tmp_path_factory.mktemp("reference")
+    (tmp / "prompts.json").write_text(json.dumps(prompts))
+    script = Path(__file__).with_name("colocated_reference.py")
+    subprocess.run([sys.executable, str(script), model_path, str(tmp / "prompts.json"),
+                    str(tmp / "out.json"), "--max-tokens", str(MAX_TOKENS),
+                    "--max-model-len", str(MAX_MODEL_LEN), "--dtype", "float32"],
+                   check=True, timeout=900, cwd=tmp,
+                   env=os.environ | {"VLLM_CPU_KVCACHE_SPACE": "1"})
+    return json.loads((tmp / "out.json").read_text())
+
+
+def test_greedy_output_equals_colocated_vllm(reference: list[dict], server: str,
+                                             prompts: list[list[int]]) -> None:
+    lengths = [len(p) for p in prompts]
+    assert min(lengths) <= 5 and max(lengths) >= 1250
+    assert sum(n > CHUNK_SIZE for n in lengths) >= 4, "several prompts must span chunks"
+    before = metric_values(server, "shuffleinfer_kv_transfers_total")
+    mismatches = []
+    for ids, ref in zip(prompts, reference, strict=True):
+        r = httpx.post(f"{server}/v1/completions", timeout=120, json={
+            "prompt": ids, "max_tokens": MAX_TOKENS, "temperature": 0})
+        assert r.status_code == 200, r.text
+        body = r.json()
+        got = body["choices"][0]["text"]
+        if got != ref["text"] or body["usage"]["completion_tokens"] != len(ref["token_ids"]):
+            mismatches.append((len(ids), ref["text"], got))
+        assert body["usage"]["prompt_tokens"] == len(ids)
+    assert not mismatches, f"disaggregated output differs from colocated vLLM: {mismatches}"
+    after = metric_values(server, "shuffleinfer_kv_transfers_total")
+    assert after[""] - before[""] >= len(prompts) - 1  # a few may end on their first token
+
+
+def test_openai_client_chat_stream_and_non_stream(server: str) -> None:
+    client = openai.OpenAI(base_url=f"{server}/v1", api_key="unused")
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    reply = client.chat.completions.create(model="SmolLM2-135M-Instruct", messages=messages,
+                                           max_tokens=24, temperature=0)
+    assert "Paris" in reply.choices[0].message.content
+    chunks = list(client.chat.completions.create(
+        model="SmolLM2-135M-Instruct", messages=messages, max_tokens=24, temperature=0,
+        stream=True, stream_options={"include_usage": True}))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == reply.choices[0].message.content
+    assert chunks[-1].usage.completion_tokens == reply.usage.completion_tokens
+
+
+def test_concurrent_requests_use_both_roles(server: str) -> None:
+    prefilled = metric_values(server, "shuffleinfer_requests_prefilled_total")
+    decoded = metric_values(server, "shuffleinfer_requests_decoded_total")
+
+    async def run() -> list[httpx.Response]:
+        async with httpx.AsyncClient(base_url=server, timeout=300) as client:
+            return await asyncio.gather(*(client.post("/v1/completions", json={
+                "prompt": f"Request {i}: write a short poem about the number {i}.",
+                "max_tokens": 16, "ignore_eos": True, "temperature": 0.7, "seed": i})
+                for i in range(16)))
+
+    responses = asyncio.run(run())
+    assert [r.status_code for r in responses] == [200] * 16
+    assert all(r.json()["usage"]["completion_tokens"] == 16 for r in responses)
+    prefilled_after = metric_values(server, "shuffleinfer_requests_prefilled_total")
+    decoded_after = metric_values(server, "shuffleinfer_requests_decoded_total")
+    assert all('instance="prefill-' in k for k in prefilled_after)
+    assert all('instance="decode-' in k for k in decoded_after)
+    assert sum(prefilled_after.values()) - sum(prefilled.values()) == 16
+    assert sum(decoded_after.values()) - sum(decoded.values()) == 16
+
+
+@pytest.mark.parametrize(("body", "status", "needle"), [
+    ('{"prompt": "hi", "max_tokens": ', 400, "JSON"),
+    ('{"prompt": "hi", "max_tokens": "many"}', 400, "max_tokens"),
+    ('{"prompt": "hi", "max_tokens": 0}', 400, "max_tokens"),
+    ('{"prompt": "hi", "max_tokens": -5}', 400, "max_tokens"),
+    ('{"model": "gpt-4", "prompt": "hi"}', 404, "gpt-4"),
+    ('{"prompt": "hi", "frobnicate": 1}', 400, "frobnicate"),
+    (json.dumps({"prompt": "hello " * (MAX_MODEL_LEN + 10), "max_tokens": 4}), 400,
+     "maximum context length"),
+])
+def test_bad_input_gets_openai_error(server: str, body: str, status: int, needle: str) -> None:
+    r = httpx.post(f"{server}/v1/completions", content=body, timeout=30,
+                   headers={"content-type": "application/json"})
+    assert r.status_code == status, r.text
+    error = r.json()["error"]
+    assert needle.lower() in error["message"].lower()
+    assert error["type"]
+
+
+def _instances(server: str) -> list[dict]:
+    return httpx.get(f"{server}/health", timeout=10).json()["instances"]
+
+
+def test_client_disconnect_aborts_both_legs_and_frees_kv(server: str) -> None:
+    body = {"prompt": "Tell me everything about the history of Rome. " * 20,
+            "max_tokens": 1500, "ignore_eos": True, "stream": True}
+    with httpx.stream("POST", f"{server}/v1/completions", json=body, timeout=60) as r:
+        assert r.status_code == 200
+        lines = r.iter_lines()
+        got = [next(lines) for _ in range(6)]
+        assert any(line.startswith("data: ") for line in got)
+        busy = _instances(server)
+        assert any(i["role"] == "decode" and i["num_running_reqs"] >= 1 for i in busy)
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        loads = _instances(server)
+        if all(i["num_running_reqs"] == 0 and i["kv_cache_usage"] == 0 for i in loads):
+            break
+        time.sleep(0.5)
+    assert all(i["num_running_reqs"] == 0 for i in loads), loads
+    assert all(i["kv_cache_usage"] == 0 for i in loads), loads

@@ -1,0 +1,231 @@
+"""The scheduler half with hand-built requests: what a prefill engine keeps and advertises,
+what a decode engine claims and pulls into which blocks, and when a lease is released."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+from vllm.v1.request import RequestStatus
+
+from shuffleinfer.kv import metadata as m
+from shuffleinfer.kv import tcp
+from shuffleinfer.kv.scheduler_side import ConnectorScheduler
+
+pytestmark = pytest.mark.timeout(30)
+
+BLOCK_SIZE = 128
+HOST, PORT = "10.0.0.5", 7001
+
+
+def request(params: dict[str, Any] | None, num_prompt_tokens: int,
+            num_computed_tokens: int = 0, status: RequestStatus = RequestStatus.WAITING,
+            request_id: str = "req-1-abcdefgh") -> Any:
+    """A stand-in for vllm.v1.request.Request with the fields the connector reads."""
+    return SimpleNamespace(request_id=request_id, kv_transfer_params=params,
+                           num_prompt_tokens=num_prompt_tokens,
+                           num_computed_tokens=num_computed_tokens, status=status)
+
+
+@dataclass
+class _FakeBlocks:
+    unhashed: list[int]
+
+    def get_unhashed_block_ids(self) -> list[int]:
+        return list(self.unhashed)
+
+
+def new_blocks(unhashed: list[int]) -> Any:
+    """vLLM's KVCacheBlocks as the connector sees it: the new blocks it may fill."""
+    return _FakeBlocks(unhashed)
+
+
+def prefilled(num_prompt_tokens: int = 300, block_ids: tuple[int, ...] = (4, 9, 2),
+              host: str = HOST, port: int = PORT, transfer_id: str = "T1") -> dict[str, Any]:
+    """The params a prefill engine hands back for a decode engine."""
+    return {m.DO_REMOTE_PREFILL: True, m.TRANSFER_ID: transfer_id, m.REMOTE_HOST: host,
+            m.REMOTE_PORT: port, m.REMOTE_BLOCK_IDS: list(block_ids),
+            m.REMOTE_NUM_TOKENS: num_prompt_tokens}
+
+
+# --- prefill engine -------------------------------------------------------------------
+
+def test_length_capped_prefill_keeps_its_blocks_and_advertises_them() -> None:
+    sched = ConnectorScheduler(HOST, PORT, BLOCK_SIZE)
+    req = request({m.DO_REMOTE_DECODE: True, m.TRANSFER_ID: "T1"}, num_prompt_tokens=300,
+                  num_computed_tokens=300, status=RequestStatus.FINISHED_LENGTH_CAPPED)
+
+    keep, params = sched.request_finished(req, [4, 9, 2])
+
+    assert keep is True
+    assert params == prefilled(300, (4, 9, 2))
+    first = sched.build_connector_meta()
+    assert first.new_leases == [m.Lease("T1", "req-1-abcdefgh", (4, 9, 2))]
+    assert first.new_loads == []
+    assert sched.build_connector_meta().new_leases == []  # handed over exactly once
+
+
+@pytest.mark.parametrize("status", [RequestStatus.FINISHED_ABORTED,
+                                    RequestStatus.FINISHED_STOPPED,
+                                    RequestStatus.FINISHED_ERROR])
+def test_prefill_that_ended_otherwise_frees_its_blocks(status: RequestStatus) -> None:
+    sched = ConnectorScheduler(HOST, PORT, BLOCK_SIZE)
+    req = request({m.DO_REMOTE_DECODE: True, m.TRANSFER_ID: "T1"}, 300, 300, status)
+    assert sched.request_finished(req, [4, 9, 2]) == (False, None)
+    assert sched.build_connector_meta().new_leases == []
+
+
+@pytest.mark.parametrize("params", [None, {}, {m.TRANSFER_ID: "T1"}])
+def test_ordinary_request_is_not_handed_over(params: dict[str, Any] | None) -> None:
+    sched = ConnectorScheduler(HOST, PORT, BLOCK_SIZE)
+    req = request(params, 300, 300, RequestStatus.FINISHED_LENGTH_CAPPED)
+    assert sched.request_finished(req, [4, 9, 2]) == (False, None)
+    assert sched.build_connector_meta().new_leases == []
+
+
+# --- decode engine --------------------------------------------------------------------
+
+def test_decode_claims_the_remote_prompt_but_not_the_last_token() -> None:
+    sched = ConnectorScheduler(HOST, PORT, BLOCK_SIZE)
+    # The decode prompt is the prefill's prompt plus its first token.
+    assert sched.get_num_new_matched_tokens(request(prefilled(300), 301), 0) == (300, True)
+    # Even if the remote side computed every prompt token, one is left to compute locally,
+    # or vLLM would have nothing to run to sample the next token.
+    assert sched.get_num_new_matched_tokens(request(prefilled(300), 300), 0) == (299, True)
+
+
+def test_decode_claims_only_what_the_local_prefix_cache_lacks() -> None:
+    sched = ConnectorScheduler(HOST, PORT, BLOCK_SIZE)
+    req = request(prefilled(300), 301)
+    assert sched.get_num_new_matched_tokens(req, 128) == (172, True)
+    assert sched.get_num_new_matched_tokens(req, 384) == (0, False)
+
+
+def test_request_without_remote_prefill_claims_nothing() -> None:
+    sched = ConnectorScheduler(HOST, PORT, BLOCK_SIZE)
+    assert sched.get_num_new_matched_tokens(request(None, 301), 0) == (0, False)
+    assert sched.get_num_new_matched_tokens(
+        request({m.DO_REMOTE_DECODE: True, m.TRANSFER_ID: "T"}, 301), 0) == (0, False)
+
+
+def test_planned_load_maps_remote_blocks_onto_the_new_local_blocks() -> None:
+    sched = ConnectorScheduler(HOST, PORT, BLOCK_SIZE)
+    req = request(prefilled(300, (4, 9, 2)), 301, request_id="dec-1")
+    num_tokens, is_async = sched.get_num_new_matched_tokens(req, 0)
+    assert is_async  # vLLM parks the request in WAITING_FOR_REMOTE_KVS meanwhile
+    sched.update_state_after_alloc(req, new_blocks([21, 22, 23]), num_tokens)
+
+    loads = sched.build_connector_meta().new_loads
+    assert loads == [m.PlannedLoad("T1", "dec-1", HOST, PORT, (4, 9, 2), (21, 22, 23))]
+    assert sched.build_connector_meta().new_loads == []
+
+
+def test_local_prefix_hit_skips_the_remote_blocks_it_already_has() -> None:
+    sched = ConnectorScheduler(HOST, PORT, BLOCK_SIZE)
+    req = request(prefilled(300, (4, 9, 2)), 301, request_id="dec-2")
+    num_tokens, _ = sched.get_num_new_matched_tokens(req, BLOCK_SIZE)
+    # Local block 30 holds the hit (hashed); 31, 32 are fresh.
+    sched.update_state_after_alloc(req, new_blocks([31, 32]), num_tokens)
+
+    (load,) = sched.build_connector_meta().new_loads
+    assert load.remote_block_ids == (9, 2)
+    assert load.local_block_ids == (31, 32)
+
+
+def test_block_aligned_prompt_loads_whole_blocks_only() -> None:
+    sched = ConnectorScheduler(HOST, PORT, BLOCK_SIZE)
+    # 256 prompt tokens fill exactly two blocks; the first token goes into a third block
+    # that the decode engine computes itself.
+    req = request(prefilled(256, (4, 9)), 257, request_id="dec-3")
+    num_tokens, _ = sched.get_num_new_matched_tokens(req, 0)
+    assert num_tokens == 256
+    sched.update_state_after_alloc(req, new_blocks([40, 41, 42]), num_tokens)
+    (load,) = sched.build_connector_meta().new_loads
+    assert load.remote_block_ids == (4, 9)
+    assert load.local_block_ids == (40, 41)
+
+
+def test_load_is_planned_once_per_request() -> None:
+    sched = ConnectorScheduler(HOST, PORT, BLOCK_SIZE)
+    req = request(prefilled(300), 301, request_id="dec-4")
+    num_tokens, _ = sched.get_num_new_matched_tokens(req, 0)
+    sched.update_state_after_alloc(req, new_blocks([21, 22, 23]), num_tokens)
+    assert len(sched.build_connector_meta().new_loads) == 1
+
+    # After the load vLLM asks again and calls update_state_after_alloc with 0 tokens.
+    assert sched.get_num_new_matched_tokens(req, 300) == (0, False)
+    sched.update_state_after_alloc(req, new_blocks([24]), 0)
+    sched.update_state_after_alloc(req, new_blocks([24]), num_tokens)
+    assert sched.build_connector_meta().new_loads == []
+    # A finished decode request that was loaded has nothing to hand over or release.
+    req.status = RequestStatus.FINISHED_STOPPED
+    assert sched.request_finished(req, [21, 22, 23, 24]) == (False, None)
+
+
+# --- releasing leases a decode engine will never pull ---------------------------------
+
+class _ReleaseRecorder(tcp.KVSource):
+    def __init__(self) -> None:
+        self.released: list[str] = []
+        self.event = threading.Event()
+
+    def views_for_pull(self, request: tcp.PullRequest) -> list[memoryview]:
+        raise tcp.KVTransferError("not expected in these tests")
+
+    def on_pull_done(self, transfer_id: str, ok: bool) -> None:
+        raise AssertionError("not expected in these tests")
+
+    def on_release(self, transfer_id: str) -> None:
+        self.released.append(transfer_id)
+        self.event.set()
+
+
+@contextmanager
+def prefill_kv_server() -> Iterator[tuple[_ReleaseRecorder, str, int]]:
+    recorder = _ReleaseRecorder()
+    server = tcp.KVServer("127.0.0.1", 0, recorder)
+    server.start()
+    try:
+        yield recorder, *server.address
+    finally:
+        server.close()
+
+
+def test_local_prefix_covering_everything_releases_the_remote_lease() -> None:
+    with prefill_kv_server() as (recorder, host, port):
+        sched = ConnectorScheduler(HOST, PORT, BLOCK_SIZE)
+        req = request(prefilled(256, (4, 9), host, port, "T-local"), 257)
+        assert sched.get_num_new_matched_tokens(req, 256) == (0, False)
+        sched.update_state_after_alloc(req, new_blocks([50]), 0)
+        assert recorder.event.wait(5)
+    assert recorder.released == ["T-local"]
+    assert sched.build_connector_meta().new_loads == []
+
+
+def test_decode_aborted_before_scheduling_releases_the_lease() -> None:
+    with prefill_kv_server() as (recorder, host, port):
+        sched = ConnectorScheduler(HOST, PORT, BLOCK_SIZE)
+        req = request(prefilled(300, (4, 9, 2), host, port, "T-abort"), 301,
+                      status=RequestStatus.FINISHED_ABORTED)
+        assert sched.request_finished(req, []) == (False, None)
+        assert recorder.event.wait(5)
+    assert recorder.released == ["T-abort"]
+
+
+def test_release_to_an_unreachable_prefill_is_logged_not_raised(
+        caplog: pytest.LogCaptureFixture) -> None:
+    # The lease then simply expires on the prefill side; the decode engine goes on.
+    sched = ConnectorScheduler(HOST, PORT, BLOCK_SIZE)
+    req = request(prefilled(300, (4, 9, 2), "127.0.0.1", 1, "T-gone"), 301,
+                  status=RequestStatus.FINISHED_ABORTED)
+    with caplog.at_level("WARNING", logger="shuffleinfer.kv.scheduler_side"):
+        assert sched.request_finished(req, []) == (False, None)
+        for thread in threading.enumerate():
+            if thread.name == "shuffleinfer-kv-release":
+                thread.join(5)
+    assert "T-gone" in caplog.text and "expire" in caplog.text

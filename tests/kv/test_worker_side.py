@@ -1,0 +1,352 @@
+"""The worker half on real CPU tensors shaped like vLLM's CPU KV cache and real loopback
+sockets: a decode worker pulls a prefill worker's leased blocks byte for byte, and every
+way a hand-over can end is reported to vLLM exactly once, in the step vLLM expects."""
+
+from __future__ import annotations
+
+import socket
+import time
+from collections.abc import Callable, Iterator
+
+import pytest
+import torch
+
+from shuffleinfer.kv import tcp, worker_side
+from shuffleinfer.kv.metadata import Lease, PlannedLoad, ShuffleConnectorMetadata
+from shuffleinfer.kv.worker_side import ConnectorWorker, KVCacheViews
+
+pytestmark = pytest.mark.timeout(60)
+
+NUM_BLOCKS = 8
+NUM_LAYERS = 11  # more than 10, so name order ("layers.10" < "layers.2") is not numeric
+
+
+def kv_caches(seed: int, num_layers: int = NUM_LAYERS, dtype: torch.dtype = torch.bfloat16,
+              kv_heads: int = 3, block_size: int = 128, head_size: int = 64
+              ) -> dict[str, torch.Tensor]:
+    """Like vLLM's CPU cache: every layer a [num_blocks, kv_heads, block_size, 2*head_size]
+    view of one buffer."""
+    gen = torch.Generator().manual_seed(seed)
+    buffer = torch.randn(num_layers, NUM_BLOCKS, kv_heads, block_size, 2 * head_size,
+                         generator=gen).to(dtype)
+    return {f"model.layers.{i}.self_attn.attn": buffer[i] for i in range(num_layers)}
+
+
+def as_bytes(t: torch.Tensor) -> bytes:
+    return t.contiguous().view(torch.uint8).numpy().tobytes()
+
+
+def meta(leases: list[Lease] | None = None, loads: list[PlannedLoad] | None = None
+         ) -> ShuffleConnectorMetadata:
+    return ShuffleConnectorMetadata(new_leases=leases or [], new_loads=loads or [])
+
+
+WorkerFactory = Callable[..., ConnectorWorker]
+
+
+@pytest.fixture
+def make_worker() -> Iterator[WorkerFactory]:
+    """Builds workers on free ports with registered caches; shuts them all down after."""
+    made: list[ConnectorWorker] = []
+
+    def make(caches: dict[str, torch.Tensor], lease_s: float = 30.0,
+             lease_wait_s: float = 5.0) -> ConnectorWorker:
+        worker = ConnectorWorker("127.0.0.1", 0, lease_s=lease_s, pull_timeout_s=5.0,
+                                 lease_wait_s=lease_wait_s)
+        made.append(worker)
+        worker.register_kv_caches(caches)
+        return worker
+
+    yield make
+    for worker in made:
+        worker.shutdown()
+
+
+class Steps:
+    """Drives a worker's get_finished like engine steps and keeps what it reported.
+
+    vLLM passes each finished req id in exactly one step, so `finish` does too."""
+
+    def __init__(self, worker: ConnectorWorker) -> None:
+        self.worker = worker
+        self.sending: list[str] = []
+        self.recving: list[str] = []
+
+    def step(self, finished_req_ids: set[str] | None = None) -> None:
+        sending, recving = self.worker.get_finished(set(finished_req_ids or ()))
+        self.sending += sorted(sending)
+        self.recving += sorted(recving)
+
+    def until(self, done: Callable[[], bool], timeout_s: float = 5.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        while not done():
+            assert time.monotonic() < deadline, "the worker never reported it"
+            time.sleep(0.005)
+            self.step()
+
+    def idle(self, seconds: float) -> None:
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            time.sleep(0.005)
+            self.step()
+
+
+def lease_and_load(prefill: ConnectorWorker, transfer_id: str, remote: tuple[int, ...],
+                   local: tuple[int, ...]) -> tuple[Lease, PlannedLoad]:
+    host, port = prefill.address
+    return (Lease(transfer_id, f"pre-{transfer_id}", remote),
+            PlannedLoad(transfer_id, f"dec-{transfer_id}", host, port, remote, local))
+
+
+def test_decode_receives_the_leased_blocks_byte_for_byte(make_worker: WorkerFactory) -> None:
+    src, dst = kv_caches(seed=0), kv_caches(seed=1)
+    src_before = {n: as_bytes(t) for n, t in src.items()}
+    dst_before = {n: t.clone() for n, t in dst.items()}
+    prefill, decode = make_worker(src), make_worker(dst)
+    lease, load = lease_and_load(prefill, "t1", remote=(2, 5, 3), local=(7, 1, 4))
+    p_steps, d_steps = Steps(prefill), Steps(decode)
+
+    # The lease arrives in the same step as vLLM's news that the request finished.
+    prefill.on_metadata(meta(leases=[lease]))
+    p_steps.step({lease.engine_req_id})
+    decode.on_metadata(meta(loads=[load]))
+    d_steps.until(lambda: load.engine_req_id in d_steps.recving)
+    p_steps.until(lambda: lease.engine_req_id in p_steps.sending)
+
+    for name in src:
+        for remote_block, local_block in zip(load.remote_block_ids, load.local_block_ids,
+                                             strict=True):
+            assert as_bytes(dst[name][local_block]) == as_bytes(src[name][remote_block])
+        for b in set(range(NUM_BLOCKS)) - set(load.local_block_ids):
+            assert as_bytes(dst[name][b]) == as_bytes(dst_before[name][b])
+        assert as_bytes(src[name]) == src_before[name]
+    assert decode.get_block_ids_with_load_errors() == set()
+
+    stats = decode.get_stats()
+    assert stats is not None
+    block_bytes = 3 * 128 * 128 * 2
+    assert stats.data["num_transfers"] == 1 and stats.data["num_failures"] == 0
+    assert stats.data["num_bytes"] == 3 * NUM_LAYERS * block_bytes
+    assert decode.get_stats() is None  # an interval's counters are reported once
+
+    p_steps.idle(0.1)
+    d_steps.idle(0.05)
+    assert p_steps.sending == [lease.engine_req_id] and p_steps.recving == []
+    assert d_steps.recving == [load.engine_req_id] and d_steps.sending == []
+
+
+def test_metadata_bound_twice_in_a_step_pulls_once(make_worker: WorkerFactory) -> None:
+    # start_load_kv and wait_for_save both hand over the same metadata object.
+    prefill, decode = make_worker(kv_caches(0)), make_worker(kv_caches(1), lease_wait_s=0.3)
+    lease, load = lease_and_load(prefill, "t-twice", remote=(1,), local=(2,))
+    prefill.on_metadata(meta(leases=[lease]))
+    step = meta(loads=[load])
+    decode.on_metadata(step)
+    decode.on_metadata(step)
+    d_steps = Steps(decode)
+    d_steps.until(lambda: load.engine_req_id in d_steps.recving)
+    d_steps.idle(0.5)  # a second pull would be refused within lease_wait_s
+    assert d_steps.recving == [load.engine_req_id]
+    assert decode.get_block_ids_with_load_errors() == set()
+    stats = decode.get_stats()
+    assert stats is not None and stats.data["num_failures"] == 0
+
+
+def test_finished_sending_waits_for_vllm_to_finish_the_request(
+        make_worker: WorkerFactory) -> None:
+    prefill, decode = make_worker(kv_caches(0)), make_worker(kv_caches(1))
+    lease, load = lease_and_load(prefill, "t2", remote=(1, 2), local=(3, 4))
+    p_steps, d_steps = Steps(prefill), Steps(decode)
+    prefill.on_metadata(meta(leases=[lease]))
+    decode.on_metadata(meta(loads=[load]))
+    d_steps.until(lambda: load.engine_req_id in d_steps.recving)
+
+    # Pulled, but vLLM has not said the request finished: reporting it now would break
+    # vLLM's contract (finished_sending ids must come from finished_req_ids).
+    p_steps.idle(0.2)
+    assert p_steps.sending == []
+    p_steps.step({"some-other-request"})
+    p_steps.step({lease.engine_req_id})
+    assert p_steps.sending == [lease.engine_req_id]
+    p_steps.idle(0.05)
+    assert p_steps.sending == [lease.engine_req_id]
+
+
+def test_unpulled_lease_expires_and_frees_its_blocks(make_worker: WorkerFactory) -> None:
+    prefill = make_worker(kv_caches(0), lease_s=0.2, lease_wait_s=0.2)
+    decode = make_worker(kv_caches(1))
+    lease, load = lease_and_load(prefill, "t-exp", remote=(1,), local=(2,))
+    p_steps = Steps(prefill)
+    started = time.monotonic()
+    prefill.on_metadata(meta(leases=[lease]))
+    p_steps.step({lease.engine_req_id})
+    assert p_steps.sending == []
+    p_steps.until(lambda: lease.engine_req_id in p_steps.sending, timeout_s=3)
+    assert time.monotonic() - started >= 0.2
+    stats = prefill.get_stats()
+    assert stats is not None and stats.data["num_expired_leases"] == 1
+
+    # A decode that comes too late gets nothing and recomputes.
+    decode.on_metadata(meta(loads=[load]))
+    d_steps = Steps(decode)
+    d_steps.until(lambda: load.engine_req_id in d_steps.recving)
+    assert decode.get_block_ids_with_load_errors() == {2}
+
+
+def test_pull_of_a_lease_that_never_appears_fails_within_the_wait(
+        make_worker: WorkerFactory) -> None:
+    dst = kv_caches(1)
+    dst_before = {n: as_bytes(t) for n, t in dst.items()}
+    prefill, decode = make_worker(kv_caches(0), lease_wait_s=0.3), make_worker(dst)
+    _, load = lease_and_load(prefill, "t-ghost", remote=(1, 2, 3), local=(5, 6, 7))
+    d_steps = Steps(decode)
+    started = time.monotonic()
+    decode.on_metadata(meta(loads=[load]))
+    d_steps.until(lambda: load.engine_req_id in d_steps.recving, timeout_s=5)
+    assert 0.3 <= time.monotonic() - started < 4.0  # the wait, not the 5 s pull timeout
+
+    # vLLM reads the load errors right after get_finished in the same step.
+    assert decode.get_block_ids_with_load_errors() == {5, 6, 7}
+    assert decode.get_block_ids_with_load_errors() == set()
+    assert {n: as_bytes(t) for n, t in dst.items()} == dst_before
+    stats = decode.get_stats()
+    assert stats is not None
+    assert stats.data["num_failures"] == 1 and stats.data["num_transfers"] == 0
+
+
+def test_lease_registered_while_the_pull_waits_is_served(make_worker: WorkerFactory) -> None:
+    # The decode may dial before the prefill engine's next step registers the lease.
+    src, dst = kv_caches(0), kv_caches(1)
+    prefill, decode = make_worker(src, lease_wait_s=3.0), make_worker(dst)
+    lease, load = lease_and_load(prefill, "t-race", remote=(6,), local=(1,))
+    d_steps = Steps(decode)
+    decode.on_metadata(meta(loads=[load]))
+    time.sleep(0.2)
+    prefill.on_metadata(meta(leases=[lease]))
+    d_steps.until(lambda: load.engine_req_id in d_steps.recving)
+    assert decode.get_block_ids_with_load_errors() == set()
+    name = next(iter(src))
+    assert as_bytes(dst[name][1]) == as_bytes(src[name][6])
+
+
+def _pull_directly(prefill: ConnectorWorker, transfer_id: str, block_ids: tuple[int, ...],
+                   layout: dict[str, object], timeout_s: float = 5.0) -> None:
+    host, port = prefill.address
+    num_views = len(block_ids) * int(layout["num_layers"])  # type: ignore[call-overload]
+    views = [memoryview(bytearray(int(layout["block_bytes"])))  # type: ignore[call-overload]
+             for _ in range(num_views)]
+    tcp.pull(host, port, tcp.PullRequest(transfer_id, block_ids, layout), views, timeout_s)
+
+
+@pytest.mark.parametrize(("peer_caches", "field"), [
+    (dict(num_layers=NUM_LAYERS - 1), "num_layers"),
+    (dict(block_size=64), "block_bytes"),
+    (dict(dtype=torch.float16), "dtype"),
+    (dict(kv_heads=6, block_size=64), "block_shape"),  # same bytes per block, other shape
+])
+def test_layout_mismatch_is_refused_naming_the_field(
+        make_worker: WorkerFactory, peer_caches: dict[str, object], field: str) -> None:
+    src, dst = kv_caches(0), kv_caches(1)
+    prefill = make_worker(src)
+    lease, load = lease_and_load(prefill, "t-layout", remote=(1,), local=(2,))
+    prefill.on_metadata(meta(leases=[lease]))
+    peer_layout = KVCacheViews(kv_caches(2, **peer_caches)).layout  # type: ignore[arg-type]
+
+    with pytest.raises(tcp.KVTransferError, match=f"layout mismatch: {field} is"):
+        _pull_directly(prefill, "t-layout", (1,), peer_layout)
+
+    # The refusal does not consume the lease: a matching decode still gets the blocks.
+    decode = make_worker(dst)
+    decode.on_metadata(meta(loads=[load]))
+    d_steps = Steps(decode)
+    d_steps.until(lambda: load.engine_req_id in d_steps.recving)
+    assert decode.get_block_ids_with_load_errors() == set()
+    name = next(iter(src))
+    assert as_bytes(dst[name][2]) == as_bytes(src[name][1])
+
+
+def test_second_pull_of_a_lease_is_refused(make_worker: WorkerFactory) -> None:
+    # 32 MiB of blocks: more than loopback socket buffers hold, so a first pull that is
+    # not read stays in flight.
+    src = kv_caches(0, num_layers=4, kv_heads=4, block_size=1024)
+    prefill = make_worker(src, lease_wait_s=0.3)
+    layout = KVCacheViews(src).layout
+    all_blocks = tuple(range(NUM_BLOCKS))
+    prefill.on_metadata(meta(leases=[Lease("t-once", "pre-once", all_blocks)]))
+
+    # While one pull is being served, another is refused at once.
+    with socket.create_connection(prefill.address, timeout=5) as first:
+        tcp.send_frame(first, {"op": "pull", "transfer_id": "t-once",
+                               "block_ids": list(all_blocks), "layout": layout})
+        assert tcp.recv_frame(first)["ok"]
+        # "already pulled", not "no lease" after lease_wait_s: refused without waiting.
+        with pytest.raises(tcp.KVTransferError, match="already pulled"):
+            _pull_directly(prefill, "t-once", (1,), layout)
+        name = sorted(src)[0]
+        got = bytearray(KVCacheViews(src).block_bytes)
+        tcp.recv_exact_into(first, memoryview(got))
+        assert bytes(got) == as_bytes(src[name][0])
+
+    # Once served, the lease is gone: a later pull fails and the decode recomputes.
+    dst = kv_caches(1, num_layers=4, kv_heads=4, block_size=1024)
+    dst_before = {n: as_bytes(t) for n, t in dst.items()}
+    decode = make_worker(dst)
+    host, port = prefill.address
+    again = PlannedLoad("t-once", "dec-once", host, port, (1, 2), (3, 4))
+    decode.on_metadata(meta(loads=[again]))
+    d_steps = Steps(decode)
+    d_steps.until(lambda: again.engine_req_id in d_steps.recving)
+    assert decode.get_block_ids_with_load_errors() == {3, 4}
+    assert {n: as_bytes(t) for n, t in dst.items()} == dst_before
+
+
+def test_released_lease_is_reported_and_no_longer_pullable(make_worker: WorkerFactory) -> None:
+    src = kv_caches(0)
+    prefill = make_worker(src, lease_wait_s=0.2)
+    lease, _ = lease_and_load(prefill, "t-rel", remote=(4,), local=(5,))
+    p_steps = Steps(prefill)
+    prefill.on_metadata(meta(leases=[lease]))
+    p_steps.step({lease.engine_req_id})
+    tcp.release(*prefill.address, "t-rel")
+    p_steps.step()
+    assert p_steps.sending == [lease.engine_req_id]
+    with pytest.raises(tcp.KVTransferError, match="no lease"):
+        _pull_directly(prefill, "t-rel", (4,), KVCacheViews(src).layout)
+
+
+def test_pull_of_blocks_outside_the_lease_is_refused(make_worker: WorkerFactory) -> None:
+    src = kv_caches(0)
+    prefill = make_worker(src)
+    lease, _ = lease_and_load(prefill, "t-scope", remote=(1, 2), local=(3, 4))
+    prefill.on_metadata(meta(leases=[lease]))
+    with pytest.raises(tcp.KVTransferError, match=r"blocks \[6\] are not in the lease"):
+        _pull_directly(prefill, "t-scope", (1, 6), KVCacheViews(src).layout)
+
+
+def test_finished_ids_without_a_lease_are_not_kept_forever(
+        make_worker: WorkerFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Every request an engine finishes passes through get_finished; most never lease.
+    monkeypatch.setattr(worker_side, "_FINISHED_MEMORY_S", 0.05)
+    prefill, decode = make_worker(kv_caches(0)), make_worker(kv_caches(1))
+    lease, load = lease_and_load(prefill, "t-late", remote=(1,), local=(2,))
+    p_steps = Steps(prefill)
+    prefill.on_metadata(meta(leases=[lease]))
+    p_steps.step({lease.engine_req_id} | {f"plain-{i}" for i in range(5000)})
+    p_steps.idle(0.1)
+    assert len(prefill._finished_seen) <= 1  # only the leased request is remembered
+
+    # The leased request's finish is still remembered when its pull comes late.
+    decode.on_metadata(meta(loads=[load]))
+    d_steps = Steps(decode)
+    d_steps.until(lambda: load.engine_req_id in d_steps.recving)
+    p_steps.until(lambda: lease.engine_req_id in p_steps.sending)
+
+
+def test_register_rejects_caches_the_wire_cannot_serve() -> None:
+    worker = ConnectorWorker("127.0.0.1", 0, lease_s=1.0, pull_timeout_s=1.0)
+    try:
+        strided = torch.zeros(NUM_BLOCKS, 3, 128, 128).transpose(1, 2)
+        with pytest.raises(ValueError, match="not contiguous"):
+            worker.register_kv_caches({"model.layers.0.self_attn.attn": strided})
+    finally:
+        worker.shutdown()
