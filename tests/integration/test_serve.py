@@ -132,7 +132,8 @@ def test_client_disconnect_aborts_both_legs_and_frees_kv(server: str) -> None:
         got = [next(lines) for _ in range(6)]
         assert any(line.startswith("data: ") for line in got)
         busy = _instances(server)
-        assert any(i["role"] == "decode" and i["num_running_reqs"] >= 1 for i in busy)
+        assert any(i["role"] == "decode" and i["num_running_reqs"] >= 1
+                   and i["kv_cache_usage"] > 0 for i in busy), busy
     deadline = time.monotonic() + 15
     while time.monotonic() < deadline:
         loads = _instances(server)
