@@ -8,6 +8,7 @@ so the two can never disagree: `CompletionFormatter` makes `text_completion` obj
 from __future__ import annotations
 
 import time
+from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from typing import Any
 
@@ -30,7 +31,7 @@ def chat_logprob_entries(logprobs: Sequence[TokenLogprob]) -> list[dict[str, Any
     ]
 
 
-class Formatter:
+class Formatter(ABC):
     """What both formatters share: ids, chunk envelope and the usage chunk."""
 
     chunk_object: str = ""
@@ -61,13 +62,13 @@ class Formatter:
         body["usage"] = usage(num_prompt_tokens, num_completion_tokens)
         return body
 
+    @abstractmethod
     def chunks(self, delta: TokenDelta) -> list[dict[str, Any]]:
         """The chunks to stream for one delta (possibly none)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def response(self, deltas: Sequence[TokenDelta], num_prompt_tokens: int) -> dict[str, Any]:
         """The non-streamed response for the whole output."""
-        raise NotImplementedError
 
 
 class CompletionFormatter(Formatter):

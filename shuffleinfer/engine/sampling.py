@@ -68,6 +68,8 @@ def to_delta(output: RequestOutput, num_top: int = 0, *, prefill_instance: str |
     if comp.logprobs is not None:
         entries = []
         for token_id, position in zip(comp.token_ids, comp.logprobs, strict=False):
+            if position is None:
+                continue
             chosen = position[token_id]
             top = sorted(position.values(), key=lambda lp: lp.rank or 0)[:num_top]
             entries.append(TokenLogprob(

@@ -17,6 +17,7 @@ import socket
 import socketserver
 import struct
 import threading
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -89,20 +90,20 @@ def send_views(sock: socket.socket, views: Sequence[memoryview]) -> int:
     return total
 
 
-class KVSource:
+class KVSource(ABC):
     """What the server needs from the prefill worker (implemented by the worker half)."""
 
+    @abstractmethod
     def views_for_pull(self, request: PullRequest) -> list[memoryview]:
         """Called on a server thread when a pull arrives; raises KVTransferError to refuse."""
-        raise NotImplementedError
 
+    @abstractmethod
     def on_pull_done(self, transfer_id: str, ok: bool) -> None:
         """Called after the bytes went out (or failed to): the lease can be released."""
-        raise NotImplementedError
 
+    @abstractmethod
     def on_release(self, transfer_id: str) -> None:
         """Called when a client releases a lease it will never pull."""
-        raise NotImplementedError
 
 
 class _Handler(socketserver.BaseRequestHandler):
