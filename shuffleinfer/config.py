@@ -13,7 +13,10 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from shuffleinfer.scheduler.policies.placement import PLACEMENT_POLICIES
+from shuffleinfer.scheduler.policies.placement import (
+    PLACEMENT_POLICIES,
+    PREFILL_PLACEMENT_POLICIES,
+)
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 
@@ -56,9 +59,17 @@ class ServeConfig(BaseModel):
     engine_args: dict[str, Any] = Field(default_factory=dict, description=(
         "Extra vLLM engine arguments, passed through as given."))
 
-    @field_validator("prefill_policy", "decode_policy")
+    @field_validator("prefill_policy")
     @classmethod
-    def _known_policy(cls, name: str) -> str:
+    def _known_prefill_policy(cls, name: str) -> str:
+        if name not in PREFILL_PLACEMENT_POLICIES:
+            raise ValueError(f"unknown policy {name!r}; known: "
+                             f"{', '.join(PREFILL_PLACEMENT_POLICIES)}")
+        return name
+
+    @field_validator("decode_policy")
+    @classmethod
+    def _known_decode_policy(cls, name: str) -> str:
         if name not in PLACEMENT_POLICIES:
             raise ValueError(f"unknown policy {name!r}; known: {', '.join(PLACEMENT_POLICIES)}")
         return name

@@ -12,9 +12,24 @@ in a one-line actor.
 from __future__ import annotations
 
 import enum
+import logging
+import random
+from collections import Counter
 from dataclasses import dataclass
 
-from shuffleinfer.scheduler.policies.placement import InstanceView, make_placement_policy
+from shuffleinfer.scheduler.policies.placement import (
+    PREFILL_PLACEMENT_POLICIES,
+    InstanceView,
+    PlacementConfig,
+    PlacementDecision,
+    PlacementRequest,
+    is_heavy,
+    make_placement_policy,
+)
+from shuffleinfer.scheduler.policies.registry import lookup
+from shuffleinfer.scheduler.prediction import Prediction
+
+logger = logging.getLogger(__name__)
 
 
 class Phase(enum.Enum):
@@ -32,6 +47,7 @@ class RequestEntry:
     prefill_id: str
     phase: Phase = Phase.PREFILLING
     decode_id: str | None = None
+    prediction: Prediction | None = None
 
 
 class NoInstanceError(RuntimeError):
@@ -42,31 +58,57 @@ class GlobalScheduler:
     """Request table plus placement decisions for both legs."""
 
     def __init__(self, prefill_ids: list[str], decode_ids: list[str],
-                 prefill_policy: str = "least_load", decode_policy: str = "least_load") -> None:
+                 prefill_policy: str = "least_load", decode_policy: str = "least_load",
+                 placement_config: PlacementConfig | None = None,
+                 rng: random.Random | None = None) -> None:
         if not prefill_ids or not decode_ids:
             raise ValueError("need at least one prefill and one decode instance")
+        lookup(PREFILL_PLACEMENT_POLICIES, prefill_policy, "prefill placement policy")
         self._prefill_ids = list(prefill_ids)
         self._decode_ids = list(decode_ids)
-        self._prefill_policy = make_placement_policy(prefill_policy)
-        self._decode_policy = make_placement_policy(decode_policy)
+        self._config = placement_config or PlacementConfig()
+        rng = rng or random.Random()
+        self._prefill_policy = make_placement_policy(prefill_policy, self._config, rng)
+        self._decode_policy = make_placement_policy(decode_policy, self._config, rng)
         self._table: dict[str, RequestEntry] = {}
+        self.num_fallbacks: Counter[str] = Counter()
+        """Placements where the policy fell back from its own rule, by reason."""
 
     def _views(self, ids: list[str]) -> list[InstanceView]:
+        # Free KV is not known here yet: the cluster monitor will report it.
         running = dict.fromkeys(ids, 0)
         queued = dict.fromkeys(ids, 0)
+        heavy = dict.fromkeys(ids, 0)
+        light = dict.fromkeys(ids, 0)
+        decode_tokens = dict.fromkeys(ids, 0)
         for e in self._table.values():
             if e.phase is Phase.PREFILLING and e.prefill_id in queued:
                 queued[e.prefill_id] += e.num_prompt_tokens
                 running[e.prefill_id] += 1
             elif e.phase is Phase.DECODING and e.decode_id in running:
                 running[e.decode_id] += 1
-        return [InstanceView(i, running[i], queued[i]) for i in ids]
+                if e.prediction is not None:
+                    counts = heavy if is_heavy(e.prediction, self._config) else light
+                    counts[e.decode_id] += 1
+                    decode_tokens[e.decode_id] += e.prediction.point
+        return [InstanceView(i, running[i], queued[i], num_heavy_reqs=heavy[i],
+                             num_light_reqs=light[i],
+                             num_predicted_decode_tokens=decode_tokens[i]) for i in ids]
+
+    def _decided(self, req_id: str, decision: PlacementDecision) -> str:
+        if decision.fallback is not None:
+            self.num_fallbacks[decision.fallback] += 1
+            logger.info("placement of %s fell back (%s) to %s", req_id, decision.fallback,
+                        decision.instance_id)
+        return decision.instance_id
 
     def schedule_prefill(self, req_id: str, num_prompt_tokens: int) -> str:
         """Called when a request arrives: pick its prefill instance."""
         if req_id in self._table:
             raise ValueError(f"request {req_id} is already scheduled")
-        prefill_id = self._prefill_policy.place(self._views(self._prefill_ids))
+        decision = self._prefill_policy.place(PlacementRequest(req_id, num_prompt_tokens),
+                                              self._views(self._prefill_ids))
+        prefill_id = self._decided(req_id, decision)
         self._table[req_id] = RequestEntry(req_id, num_prompt_tokens, prefill_id)
         return prefill_id
 
@@ -75,12 +117,17 @@ class GlobalScheduler:
         if (entry := self._table.get(req_id)) is not None:
             entry.phase = Phase.WAITING_DECODE
 
-    def schedule_decode(self, req_id: str) -> str:
-        """Called after prefill_done when more tokens are wanted: pick the decode instance."""
+    def schedule_decode(self, req_id: str, prediction: Prediction | None = None) -> str:
+        """Called after prefill_done when more tokens are wanted: pick the decode instance.
+        `prediction` (the request's predicted output length) feeds placement and the
+        heavy/light counts of the instance it lands on."""
         entry = self._table.get(req_id)
         if entry is None:
             raise ValueError(f"request {req_id} is not scheduled")
-        entry.decode_id = self._decode_policy.place(self._views(self._decode_ids))
+        request = PlacementRequest(req_id, entry.num_prompt_tokens, prediction)
+        decision = self._decode_policy.place(request, self._views(self._decode_ids))
+        entry.decode_id = self._decided(req_id, decision)
+        entry.prediction = prediction
         entry.phase = Phase.DECODING
         return entry.decode_id
 

@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+import random
+
 import pytest
 
 from shuffleinfer.scheduler.global_scheduler import GlobalScheduler
+from shuffleinfer.scheduler.prediction import Prediction
+from shuffleinfer.scheduler.predictors import bucketed
+
+HEAVY = bucketed(400, 1024, 200)
+LIGHT = bucketed(50, 1024, 200)
 
 
 def test_least_load_spreads_concurrent_prompts_by_queued_tokens() -> None:
@@ -59,3 +66,117 @@ def test_misuse_is_refused() -> None:
         sched.schedule_decode("ghost")
     sched.prefill_done("ghost")  # late news about a finished request is ignored
     sched.finish("ghost")
+    with pytest.raises(ValueError, match="'fastest'.*least_load"):
+        GlobalScheduler(["p0"], ["d0"], decode_policy="fastest")
+
+
+# A scenario is a list of events on a scheduler with prefill p0, p1 and decode d0, d1:
+#   ("prefill", req, num_prompt_tokens) and ("decode", req) record the chosen instance,
+#   ("done", req) is prefill_done, ("finish", req) is finish.
+Event = tuple[str, ...] | tuple[str, str, int]
+
+SCENARIOS: dict[str, list[Event]] = {
+    "equal prompts arrive together": [
+        ("prefill", "a", 100), ("prefill", "b", 100), ("prefill", "c", 100),
+        ("prefill", "d", 100),
+    ],
+    "one long prompt, then short ones": [
+        ("prefill", "a", 1000), ("prefill", "b", 10), ("prefill", "c", 10),
+        ("prefill", "d", 10),
+    ],
+    "a finished prefill frees its instance": [
+        ("prefill", "a", 100), ("prefill", "b", 50), ("finish", "b"), ("prefill", "c", 100),
+    ],
+    "a prefill that is done no longer counts": [
+        ("prefill", "a", 100), ("prefill", "b", 300), ("done", "b"), ("prefill", "c", 100),
+    ],
+    "decode spreads by running requests": [
+        ("prefill", "a", 10), ("prefill", "b", 10), ("prefill", "c", 10),
+        ("done", "a"), ("decode", "a"), ("done", "b"), ("decode", "b"),
+        ("finish", "b"), ("done", "c"), ("decode", "c"),
+    ],
+}
+
+EXPECTED: dict[str, dict[str, list[str]]] = {
+    "least_load": {
+        "equal prompts arrive together": ["p0", "p1", "p0", "p1"],
+        "one long prompt, then short ones": ["p0", "p1", "p1", "p1"],
+        "a finished prefill frees its instance": ["p0", "p1", "p1"],
+        "a prefill that is done no longer counts": ["p0", "p1", "p1"],
+        "decode spreads by running requests": ["p0", "p1", "p0", "d0", "d1", "d1"],
+    },
+    "round_robin": {
+        "equal prompts arrive together": ["p0", "p1", "p0", "p1"],
+        "one long prompt, then short ones": ["p0", "p1", "p0", "p1"],
+        "a finished prefill frees its instance": ["p0", "p1", "p0"],
+        "a prefill that is done no longer counts": ["p0", "p1", "p0"],
+        "decode spreads by running requests": ["p0", "p1", "p0", "d0", "d1", "d0"],
+    },
+}
+
+
+def run(policy: str, events: list[Event]) -> tuple[list[str], GlobalScheduler]:
+    sched = GlobalScheduler(["p0", "p1"], ["d0", "d1"], prefill_policy=policy,
+                            decode_policy=policy)
+    placed: list[str] = []
+    for kind, req, *rest in events:
+        if kind == "prefill":
+            placed.append(sched.schedule_prefill(str(req), int(rest[0])))
+        elif kind == "decode":
+            placed.append(sched.schedule_decode(str(req)))
+        elif kind == "done":
+            sched.prefill_done(str(req))
+        else:
+            sched.finish(str(req))
+    return placed, sched
+
+
+# The deterministic policies through the scheduler's table (every policy's own table is in
+# test_placement.py).
+@pytest.mark.parametrize("scenario", list(SCENARIOS))
+@pytest.mark.parametrize("policy", sorted(EXPECTED))
+def test_scenario_table(policy: str, scenario: str) -> None:
+    placed, sched = run(policy, SCENARIOS[scenario])
+    assert placed == EXPECTED[policy][scenario]
+
+    # Whatever the policy, finishing every request leaves no load behind.
+    for _kind, req, *_ in SCENARIOS[scenario]:
+        sched.finish(str(req))
+    assert set(sched.num_inflight().values()) == {0}
+
+
+def test_shuffle_places_decodes_only() -> None:
+    with pytest.raises(ValueError, match="prefill placement policy 'shuffle'.*least_load"):
+        GlobalScheduler(["p0"], ["d0"], prefill_policy="shuffle")
+    GlobalScheduler(["p0"], ["d0"], decode_policy="shuffle")
+
+
+def test_predictions_given_at_decode_time_steer_shuffle() -> None:
+    # Two decode instances: shuffle's two random picks are always both, so it is
+    # deterministic and follows the heavy:light mix the table counts.
+    sched = GlobalScheduler(["p0"], ["d0", "d1"], decode_policy="shuffle",
+                            rng=random.Random(0))
+
+    def decode(req: str, prediction: Prediction) -> str:
+        sched.schedule_prefill(req, 100)
+        sched.prefill_done(req)
+        return sched.schedule_decode(req, prediction)
+
+    assert decode("h1", HEAVY) == "d0"  # 1:0 either way; same heavy count; lowest id
+    assert decode("h2", HEAVY) == "d1"  # d0 would hold 2 heavy, d1 one
+    assert decode("l1", LIGHT) == "d0"  # both 1:1 after; d0 first by id
+    assert decode("h3", HEAVY) == "d0"  # 2:1 on d0 beats 2:0 on d1
+    sched.finish("h3")
+    sched.finish("l1")
+    assert decode("l2", LIGHT) == "d0"  # 1:1 on d0 vs 1:1 on d1: the tie goes by id
+    assert sched.num_fallbacks == {}
+
+
+def test_a_decode_without_prediction_is_placed_and_counted_as_a_fallback() -> None:
+    sched = GlobalScheduler(["p0"], ["d0", "d1"], decode_policy="shuffle",
+                            rng=random.Random(0))
+    for req in ("a", "b", "c"):
+        sched.schedule_prefill(req, 10)
+        sched.prefill_done(req)
+        assert sched.schedule_decode(req) in {"d0", "d1"}
+    assert sched.num_fallbacks == {"no_prediction": 3}

@@ -1,82 +1,100 @@
-"""Placement policies: every registered policy runs the same scenario table through the
-global scheduler; then each policy's own promise, and the registry's error."""
+"""Placement policies on hand-built snapshots: every registered policy runs the same
+scenario table, where the expectation is the set of instances a policy may pick (over many
+seeds: a deterministic policy has one, a random one its whole reach); then each policy's
+own promise, determinism under a seed, and the registry's error."""
 
 from __future__ import annotations
 
+import random
+
 import pytest
 
-from shuffleinfer.scheduler.global_scheduler import GlobalScheduler
 from shuffleinfer.scheduler.policies.placement import (
     PLACEMENT_POLICIES,
+    PREFILL_PLACEMENT_POLICIES,
     InstanceView,
     LeastLoad,
+    PlacementConfig,
+    PlacementRequest,
     RoundRobin,
+    Shuffle,
     make_placement_policy,
 )
+from shuffleinfer.scheduler.predictors import bucketed
 
-# A scenario is a list of events on a scheduler with prefill p0, p1 and decode d0, d1:
-#   ("prefill", req, num_prompt_tokens) and ("decode", req) record the chosen instance,
-#   ("done", req) is prefill_done, ("finish", req) is finish.
-Event = tuple[str, ...] | tuple[str, str, int]
+HEAVY = PlacementRequest("h", 300, bucketed(400, 1024, 200))  # point 400 > 128: heavy
+LIGHT = PlacementRequest("l", 300, bucketed(50, 1024, 200))
+BIG = PlacementRequest("big", 500, bucketed(250, 1024, 200))  # needs 500 + 200 (lower)
 
-SCENARIOS: dict[str, list[Event]] = {
-    "equal prompts arrive together": [
-        ("prefill", "a", 100), ("prefill", "b", 100), ("prefill", "c", 100),
-        ("prefill", "d", 100),
-    ],
-    "one long prompt, then short ones": [
-        ("prefill", "a", 1000), ("prefill", "b", 10), ("prefill", "c", 10),
-        ("prefill", "d", 10),
-    ],
-    "a finished prefill frees its instance": [
-        ("prefill", "a", 100), ("prefill", "b", 50), ("finish", "b"), ("prefill", "c", 100),
-    ],
-    "a prefill that is done no longer counts": [
-        ("prefill", "a", 100), ("prefill", "b", 300), ("done", "b"), ("prefill", "c", 100),
-    ],
-    "decode spreads by running requests": [
-        ("prefill", "a", 10), ("prefill", "b", 10), ("prefill", "c", 10),
-        ("done", "a"), ("decode", "a"), ("done", "b"), ("decode", "b"),
-        ("finish", "b"), ("done", "c"), ("decode", "c"),
-    ],
+
+def view(iid: str, running: int, heavy: int = 0, light: int = 0, free: int | None = 10_000,
+         decode_tokens: int = 0) -> InstanceView:
+    return InstanceView(iid, running, 0, free, heavy, light, decode_tokens)
+
+
+SCENARIOS: dict[str, tuple[PlacementRequest, list[InstanceView]]] = {
+    "a single candidate": (HEAVY, [view("solo", 9, heavy=9, free=0)]),
+    "one idle instance among busy ones": (LIGHT, [
+        view("d0", 4, 2, 2), view("d1", 0), view("d2", 4, 2, 2)]),
+    "heavy request, the least busy instance is all heavy": (HEAVY, [
+        view("d0", 4, heavy=4, decode_tokens=1600), view("d1", 6, light=6, decode_tokens=300),
+        view("d2", 6, light=6, decode_tokens=300)]),
+    "full memory everywhere (empty α)": (BIG, [
+        view("d0", 3, free=100), view("d1", 1, free=50), view("d2", 2, free=0)]),
+    "only the busiest instance has room (α of one)": (BIG, [
+        view("d0", 8, 4, 4, free=5000), view("d1", 1, free=100), view("d2", 1, 0, 1, free=100)]),
 }
 
-EXPECTED: dict[str, dict[str, list[str]]] = {
+EXPECTED: dict[str, dict[str, set[str]]] = {
     "least_load": {
-        "equal prompts arrive together": ["p0", "p1", "p0", "p1"],
-        "one long prompt, then short ones": ["p0", "p1", "p1", "p1"],
-        "a finished prefill frees its instance": ["p0", "p1", "p1"],
-        "a prefill that is done no longer counts": ["p0", "p1", "p1"],
-        "decode spreads by running requests": ["p0", "p1", "p0", "d0", "d1", "d1"],
+        "a single candidate": {"solo"},
+        "one idle instance among busy ones": {"d1"},
+        "heavy request, the least busy instance is all heavy": {"d0"},
+        "full memory everywhere (empty α)": {"d1"},
+        "only the busiest instance has room (α of one)": {"d1"},
     },
-    "round_robin": {
-        "equal prompts arrive together": ["p0", "p1", "p0", "p1"],
-        "one long prompt, then short ones": ["p0", "p1", "p0", "p1"],
-        "a finished prefill frees its instance": ["p0", "p1", "p0"],
-        "a prefill that is done no longer counts": ["p0", "p1", "p0"],
-        "decode spreads by running requests": ["p0", "p1", "p0", "d0", "d1", "d0"],
+    "round_robin": {  # a fresh policy starts with the first candidate
+        "a single candidate": {"solo"},
+        "one idle instance among busy ones": {"d0"},
+        "heavy request, the least busy instance is all heavy": {"d0"},
+        "full memory everywhere (empty α)": {"d0"},
+        "only the busiest instance has room (α of one)": {"d0"},
+    },
+    "random": {
+        "a single candidate": {"solo"},
+        "one idle instance among busy ones": {"d0", "d1", "d2"},
+        "heavy request, the least busy instance is all heavy": {"d0", "d1", "d2"},
+        "full memory everywhere (empty α)": {"d0", "d1", "d2"},
+        "only the busiest instance has room (α of one)": {"d0", "d1", "d2"},
+    },
+    "power_of_two": {  # never the most loaded of three
+        "a single candidate": {"solo"},
+        "one idle instance among busy ones": {"d0", "d1"},
+        "heavy request, the least busy instance is all heavy": {"d0", "d1"},
+        "full memory everywhere (empty α)": {"d1", "d2"},
+        "only the busiest instance has room (α of one)": {"d1", "d2"},
+    },
+    "shuffle": {
+        "a single candidate": {"solo"},
+        # The idle instance has the best mix for a light request, but two random picks
+        # may both miss it.
+        "one idle instance among busy ones": {"d0", "d1"},
+        "heavy request, the least busy instance is all heavy": {"d1", "d2"},
+        "full memory everywhere (empty α)": {"d1"},
+        "only the busiest instance has room (α of one)": {"d0"},
     },
 }
 
+SEEDS = range(64)
 
-def run(policy: str, events: list[Event]) -> tuple[list[str], GlobalScheduler]:
-    sched = GlobalScheduler(["p0", "p1"], ["d0", "d1"], prefill_policy=policy,
-                            decode_policy=policy)
-    placed: list[str] = []
-    for kind, req, *rest in events:
-        if kind == "prefill":
-            placed.append(sched.schedule_prefill(str(req), int(rest[0])))
-        elif kind == "decode":
-            placed.append(sched.schedule_decode(str(req)))
-        elif kind == "done":
-            sched.prefill_done(str(req))
-        else:
-            sched.finish(str(req))
-    return placed, sched
+
+def reach(policy: str, request: PlacementRequest, candidates: list[InstanceView]) -> set[str]:
+    """Every instance a fresh policy picks first, over many seeds."""
+    return {make_placement_policy(policy, rng=random.Random(seed)).place(
+        request, candidates).instance_id for seed in SEEDS}
 
 
 def test_every_registered_policy_has_expectations() -> None:
-    # A new policy must say how it behaves in every scenario below.
     assert set(EXPECTED) == set(PLACEMENT_POLICIES)
     for policy, table in EXPECTED.items():
         assert set(table) == set(SCENARIOS), policy
@@ -85,37 +103,82 @@ def test_every_registered_policy_has_expectations() -> None:
 @pytest.mark.parametrize("scenario", list(SCENARIOS))
 @pytest.mark.parametrize("policy", sorted(PLACEMENT_POLICIES))
 def test_scenario_table(policy: str, scenario: str) -> None:
-    placed, sched = run(policy, SCENARIOS[scenario])
-    assert placed == EXPECTED[policy][scenario]
-
-    # Whatever the policy, finishing every request leaves no load behind.
-    for _kind, req, *_ in SCENARIOS[scenario]:
-        sched.finish(str(req))
-    assert set(sched.num_inflight().values()) == {0}
+    assert reach(policy, *SCENARIOS[scenario]) == EXPECTED[policy][scenario]
 
 
 @pytest.mark.parametrize("policy", sorted(PLACEMENT_POLICIES))
-def test_policy_picks_among_the_candidates_given(policy: str) -> None:
-    chooser = make_placement_policy(policy)
-    only = [InstanceView("solo", num_running_reqs=50, num_queued_prompt_tokens=10_000)]
-    assert [chooser.place(only) for _ in range(3)] == ["solo"] * 3
-    three = [InstanceView(f"i{n}", n, 100 * n) for n in range(3)]
-    assert {chooser.place(three) for _ in range(10)} <= {"i0", "i1", "i2"}
+def test_same_seed_same_choices(policy: str) -> None:
+    candidates = [view(f"d{n}", n % 3, heavy=n % 2, light=n % 4) for n in range(8)]
+    requests = [HEAVY, LIGHT, BIG] * 30
+
+    def choices(seed: int) -> list[str]:
+        chooser = make_placement_policy(policy, rng=random.Random(seed))
+        return [chooser.place(r, candidates).instance_id for r in requests]
+
+    assert choices(7) == choices(7)
+    if policy in ("random", "power_of_two", "shuffle"):
+        assert choices(7) != choices(8)
+
+
+def test_only_shuffle_reports_fallbacks_and_only_when_its_rule_cannot_apply() -> None:
+    for policy in PLACEMENT_POLICIES:
+        for name, (request, candidates) in SCENARIOS.items():
+            decision = make_placement_policy(policy, rng=random.Random(0)).place(
+                request, candidates)
+            expect = "alpha_empty" if policy == "shuffle" and name in (
+                "a single candidate", "full memory everywhere (empty α)") else None
+            assert decision.fallback == expect, (policy, name)
+
+
+def test_shuffle_without_a_prediction_falls_back_to_power_of_two() -> None:
+    candidates = [view("d0", 5), view("d1", 0), view("d2", 9)]
+    unpredicted = PlacementRequest("u", 100)
+    for seed in SEEDS:
+        decision = Shuffle(rng=random.Random(seed)).place(unpredicted, candidates)
+        assert decision.fallback == "no_prediction"
+        assert decision.instance_id in {"d0", "d1"}
+
+
+def test_shuffle_alpha_reads_the_configured_bound_and_keeps_unreported_instances() -> None:
+    # BIG needs 500 prompt + 200 (lower) or 400 (upper) tokens.
+    candidates = [view("tight", 0, free=800), view("roomy", 5, 5, 0, free=2000)]
+    lower = Shuffle(rng=random.Random(0))
+    upper = Shuffle(PlacementConfig(kv_bound="upper"), rng=random.Random(0))
+    assert {lower.place(BIG, candidates).instance_id for _ in range(20)} == {"tight"}
+    assert {upper.place(BIG, candidates).instance_id for _ in range(20)} == {"roomy"}
+    unreported = [view("silent", 0, free=None), view("full", 0, free=0)]
+    assert {lower.place(BIG, unreported).instance_id for _ in range(20)} == {"silent"}
+
+
+def test_heavy_threshold_is_configurable() -> None:
+    # A 150-token prediction is heavy by default (> 128), light with a 200 threshold.
+    # Heavy: "mixed" becomes 2:1, "idle" 1:0 (no light to balance it); light: 1:2 vs 0:1.
+    request = PlacementRequest("r", 10, bucketed(150, 1024, 200))
+    candidates = [view("mixed", 2, heavy=1, light=1), view("idle", 0)]
+    assert Shuffle(rng=random.Random(0)).place(request, candidates).instance_id == "mixed"
+    lenient = Shuffle(PlacementConfig(heavy_threshold_tokens=200), rng=random.Random(0))
+    assert lenient.place(request, candidates).instance_id == "idle"
 
 
 def test_least_load_weighs_queued_tokens_before_running_requests() -> None:
     views = [InstanceView("busy-short", num_running_reqs=5, num_queued_prompt_tokens=10),
              InstanceView("idle-long", num_running_reqs=1, num_queued_prompt_tokens=900)]
-    assert LeastLoad().place(views) == "busy-short"
+    assert LeastLoad().place(LIGHT, views).instance_id == "busy-short"
     tied = [InstanceView("b", 2, 0), InstanceView("a", 2, 0), InstanceView("c", 1, 0)]
-    assert LeastLoad().place(tied) == "c"
-    assert LeastLoad().place(tied[:2]) == "a"  # full tie: lowest id, not list order
+    assert LeastLoad().place(LIGHT, tied).instance_id == "c"
+    # full tie: lowest id, not list order
+    assert LeastLoad().place(LIGHT, tied[:2]).instance_id == "a"
 
 
 def test_round_robin_cycles_whatever_the_load() -> None:
     chooser = RoundRobin()
     views = [InstanceView("x", 0, 0), InstanceView("y", 99, 99_999), InstanceView("z", 0, 0)]
-    assert [chooser.place(views) for _ in range(7)] == ["x", "y", "z", "x", "y", "z", "x"]
+    picks = [chooser.place(LIGHT, views).instance_id for _ in range(7)]
+    assert picks == ["x", "y", "z", "x", "y", "z", "x"]
+
+
+def test_prefill_placement_excludes_policies_that_need_a_prediction() -> None:
+    assert set(PREFILL_PLACEMENT_POLICIES) == set(PLACEMENT_POLICIES) - {"shuffle"}
 
 
 def test_unknown_policy_name_lists_the_known_ones() -> None:
@@ -123,5 +186,3 @@ def test_unknown_policy_name_lists_the_known_ones() -> None:
         make_placement_policy("nope")
     for name in PLACEMENT_POLICIES:
         assert name in str(err.value)
-    with pytest.raises(ValueError, match="least_load"):
-        GlobalScheduler(["p0"], ["d0"], decode_policy="fastest")

@@ -1,14 +1,36 @@
 """Placement policies: which instance of a role gets the next request.
 
-Pure: a snapshot of candidate loads in, an instance id out. The global scheduler calls
-them for the prefill and for the decode placement; a simulator can call the same objects.
+Pure: the request and a snapshot of candidate loads in, a `PlacementDecision` out; the
+randomness is an injected `random.Random`. The global scheduler calls them for the prefill
+leg and for the decode leg; a simulator can call the same objects. `shuffle` is the
+paper's decode dispatcher and places decodes only (it needs a prediction).
 """
 
 from __future__ import annotations
 
+import math
+import random
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import ClassVar, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from shuffleinfer.scheduler.policies.registry import lookup
+from shuffleinfer.scheduler.prediction import Bound, Prediction
+
+
+class PlacementConfig(BaseModel):
+    """Parameters of the placement policies."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    heavy_threshold_tokens: int = Field(default=128, ge=0, description=(
+        "A decode is heavy when its predicted output (point estimate) is above this."))
+    kv_bound: Bound = Field(default="lower", description=(
+        "Which estimate of the predicted output sizes a request's KV need for the α filter "
+        "(the paper's schedulers use the bucket's lower bound)."))
 
 
 @dataclass(frozen=True)
@@ -17,48 +39,153 @@ class InstanceView:
 
     instance_id: str
     num_running_reqs: int
-    num_queued_prompt_tokens: int
+    num_queued_prompt_tokens: int = 0
+    num_free_kv_tokens: int | None = None
+    """Free KV cache in tokens; None until the instance has reported it (the α filter
+    then keeps the instance: no news is not a full cache)."""
+    num_heavy_reqs: int = 0
+    num_light_reqs: int = 0
+    num_predicted_decode_tokens: int = 0
+    """Predicted output tokens still to generate, summed over its running requests."""
+
+
+@dataclass(frozen=True)
+class PlacementRequest:
+    """The request being placed."""
+
+    req_id: str
+    num_prompt_tokens: int
+    prediction: Prediction | None = None
+    """Predicted output length; None on the prefill leg (not predicted yet)."""
+
+
+@dataclass(frozen=True)
+class PlacementDecision:
+    """Where the request goes."""
+
+    instance_id: str
+    fallback: Literal["alpha_empty", "no_prediction"] | None = None
+    """Set when the policy could not apply its own rule, so the caller logs and counts it."""
+
+
+def is_heavy(prediction: Prediction, config: PlacementConfig) -> bool:
+    """Whether a decode with this prediction counts as heavy."""
+    return prediction.point > config.heavy_threshold_tokens
+
+
+def load_key(view: InstanceView) -> tuple[int, int, int, str]:
+    """Lower is less loaded: queued prompt tokens, running requests, predicted decode
+    tokens, then the id (a full tie never depends on the candidates' order)."""
+    return (view.num_queued_prompt_tokens, view.num_running_reqs,
+            view.num_predicted_decode_tokens, view.instance_id)
 
 
 class PlacementPolicy(ABC):
     """Chooses one of the candidates; called once per request and leg."""
 
+    decode_only: ClassVar[bool] = False
+    """True when the policy needs a prediction, so it cannot place prefills."""
+
+    def __init__(self, config: PlacementConfig | None = None,
+                 rng: random.Random | None = None) -> None:
+        self.config = config or PlacementConfig()
+        self.rng = rng or random.Random()
+
     @abstractmethod
-    def place(self, candidates: Sequence[InstanceView]) -> str:
-        """Called with at least one candidate, in a stable order; returns its instance_id."""
+    def place(self, request: PlacementRequest,
+              candidates: Sequence[InstanceView]) -> PlacementDecision:
+        """Called with at least one candidate, in a stable order; returns one of them."""
 
 
 class LeastLoad(PlacementPolicy):
-    """Fewest queued prompt tokens, then fewest running requests, then lowest id."""
+    """The least loaded candidate by `load_key`."""
 
-    def place(self, candidates: Sequence[InstanceView]) -> str:
-        best = min(candidates, key=lambda c: (c.num_queued_prompt_tokens,
-                                              c.num_running_reqs, c.instance_id))
-        return best.instance_id
+    def place(self, request: PlacementRequest,
+              candidates: Sequence[InstanceView]) -> PlacementDecision:
+        return PlacementDecision(min(candidates, key=load_key).instance_id)
 
 
 class RoundRobin(PlacementPolicy):
     """Each candidate in turn, whatever its load."""
 
-    def __init__(self) -> None:
+    def __init__(self, config: PlacementConfig | None = None,
+                 rng: random.Random | None = None) -> None:
+        super().__init__(config, rng)
         self._next = 0
 
-    def place(self, candidates: Sequence[InstanceView]) -> str:
+    def place(self, request: PlacementRequest,
+              candidates: Sequence[InstanceView]) -> PlacementDecision:
         choice = candidates[self._next % len(candidates)]
         self._next += 1
-        return choice.instance_id
+        return PlacementDecision(choice.instance_id)
+
+
+class RandomPick(PlacementPolicy):
+    """A uniformly random candidate."""
+
+    def place(self, request: PlacementRequest,
+              candidates: Sequence[InstanceView]) -> PlacementDecision:
+        return PlacementDecision(self.rng.choice(candidates).instance_id)
+
+
+def two_choices(candidates: Sequence[InstanceView], rng: random.Random) -> list[InstanceView]:
+    """Two distinct random candidates (the only one if there is one)."""
+    return list(candidates) if len(candidates) < 2 else rng.sample(list(candidates), 2)
+
+
+class PowerOfTwo(PlacementPolicy):
+    """Two random candidates; the less loaded of them by `load_key`."""
+
+    def place(self, request: PlacementRequest,
+              candidates: Sequence[InstanceView]) -> PlacementDecision:
+        pair = two_choices(candidates, self.rng)
+        return PlacementDecision(min(pair, key=load_key).instance_id)
+
+
+class Shuffle(PlacementPolicy):
+    """The paper's decode dispatcher. α = candidates whose free KV covers the request's
+    predicted need (prompt + predicted output); two random members of α; the one whose
+    heavy:light ratio is lower once this request is added (then fewer heavy, then
+    `load_key`). An empty α falls back to the least loaded candidate, a missing
+    prediction to power-of-two."""
+
+    decode_only = True
+
+    def place(self, request: PlacementRequest,
+              candidates: Sequence[InstanceView]) -> PlacementDecision:
+        prediction = request.prediction
+        if prediction is None:
+            pair = two_choices(candidates, self.rng)
+            return PlacementDecision(min(pair, key=load_key).instance_id, "no_prediction")
+        need = request.num_prompt_tokens + prediction.tokens(self.config.kv_bound)
+        alpha = [c for c in candidates
+                 if c.num_free_kv_tokens is None or c.num_free_kv_tokens >= need]
+        if not alpha:
+            return PlacementDecision(min(candidates, key=load_key).instance_id, "alpha_empty")
+        heavy = is_heavy(prediction, self.config)
+
+        def mix_after(view: InstanceView) -> tuple[float, int, tuple[int, int, int, str]]:
+            num_heavy = view.num_heavy_reqs + heavy
+            num_light = view.num_light_reqs + (not heavy)
+            ratio = num_heavy / num_light if num_light else math.inf
+            return ratio, num_heavy, load_key(view)
+
+        return PlacementDecision(min(two_choices(alpha, self.rng), key=mix_after).instance_id)
 
 
 PLACEMENT_POLICIES: dict[str, type[PlacementPolicy]] = {
     "least_load": LeastLoad,
     "round_robin": RoundRobin,
+    "random": RandomPick,
+    "power_of_two": PowerOfTwo,
+    "shuffle": Shuffle,
 }
 
+PREFILL_PLACEMENT_POLICIES: dict[str, type[PlacementPolicy]] = {
+    name: cls for name, cls in PLACEMENT_POLICIES.items() if not cls.decode_only}
 
-def make_placement_policy(name: str) -> PlacementPolicy:
+
+def make_placement_policy(name: str, config: PlacementConfig | None = None,
+                          rng: random.Random | None = None) -> PlacementPolicy:
     """Build a policy by name; an unknown name raises ValueError listing the known ones."""
-    try:
-        return PLACEMENT_POLICIES[name]()
-    except KeyError:
-        known = ", ".join(sorted(PLACEMENT_POLICIES))
-        raise ValueError(f"unknown placement policy {name!r}; known: {known}") from None
+    return lookup(PLACEMENT_POLICIES, name, "placement policy")(config, rng)
