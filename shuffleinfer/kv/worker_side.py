@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from shuffleinfer.kv import tcp
+from shuffleinfer.kv.block_views import KVCacheViews
 from shuffleinfer.kv.metadata import Lease, PlannedLoad, ShuffleConnectorMetadata
 from shuffleinfer.kv.stats import ShuffleKVStats
 
@@ -43,49 +44,14 @@ class _HeldLease:
     serving: bool = False
 
 
-class KVCacheViews:
-    """Byte views of whole KV blocks, layer by layer, over the engine's own tensors."""
-
-    def __init__(self, kv_caches: dict[str, torch.Tensor]) -> None:
-        self.layer_names = sorted(kv_caches)
-        self._layers = []
-        for name in self.layer_names:
-            t = kv_caches[name]
-            if t.device.type != "cpu":
-                raise ValueError(f"the tcp KV transport needs CPU tensors, {name} is on {t.device}")
-            if not t.is_contiguous():
-                raise ValueError(f"KV cache of {name} is not contiguous")
-            self._layers.append(t.reshape(t.shape[0], -1).view(torch.uint8).numpy())
-        first = kv_caches[self.layer_names[0]]
-        self.dtype = str(first.dtype)
-        # [kv_heads, block_size, 2 * head_size]: equal bytes per block are not enough,
-        # e.g. twice the heads in half the block size would load garbage.
-        self.block_shape = [int(d) for d in first.shape[1:]]
-        self.block_bytes = int(self._layers[0].shape[1])
-
-    @property
-    def layout(self) -> dict[str, object]:
-        return {"num_layers": len(self._layers), "block_bytes": self.block_bytes,
-                "block_shape": self.block_shape, "dtype": self.dtype}
-
-    def check_layout(self, layout: dict[str, object]) -> None:
-        """Raise naming the first field where a peer's layout differs from ours."""
-        for key, value in self.layout.items():
-            if layout.get(key) != value:
-                raise tcp.KVTransferError(
-                    f"KV layout mismatch: {key} is {value} here, {layout.get(key)} at the peer"
-                )
-
-    def views(self, block_ids: tuple[int, ...]) -> list[memoryview]:
-        return [memoryview(layer[b]) for layer in self._layers for b in block_ids]
-
-
 class ConnectorWorker(tcp.KVSource):
     """The worker half; `ShuffleKVConnector` forwards the worker-side calls here."""
 
     def __init__(self, host: str, port: int, lease_s: float, pull_timeout_s: float,
-                 lease_wait_s: float = _LEASE_WAIT_S) -> None:
+                 lease_wait_s: float = _LEASE_WAIT_S,
+                 stage_through_host: bool | None = None) -> None:
         self._host = host
+        self._stage_through_host = stage_through_host
         self._port = port
         self._lease_s = lease_s
         self._pull_timeout_s = pull_timeout_s
@@ -105,7 +71,7 @@ class ConnectorWorker(tcp.KVSource):
     # --- set-up -------------------------------------------------------------------------
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
         """Called once by vLLM after allocating the KV cache: start serving it."""
-        self._kv = KVCacheViews(kv_caches)
+        self._kv = KVCacheViews(kv_caches, stage_through_host=self._stage_through_host)
         self._server = tcp.KVServer(self._host, self._port, self,
                                     io_timeout_s=self._pull_timeout_s)
         self._server.start()
@@ -201,7 +167,7 @@ class ConnectorWorker(tcp.KVSource):
             if unknown:
                 raise tcp.KVTransferError(f"blocks {sorted(unknown)} are not in the lease")
             held.serving = True
-        return self._kv.views(request.block_ids)
+        return self._kv.read_views(request.block_ids)
 
     def on_pull_done(self, transfer_id: str, ok: bool) -> None:
         with self._lock:
@@ -222,8 +188,10 @@ class ConnectorWorker(tcp.KVSource):
         started = time.perf_counter()
         request = tcp.PullRequest(load.transfer_id, load.remote_block_ids, self._kv.layout)
         try:
-            nbytes = tcp.pull(load.remote_host, load.remote_port, request,
-                              self._kv.views(load.local_block_ids), self._pull_timeout_s)
+            dest = self._kv.write_views(load.local_block_ids)
+            nbytes = tcp.pull(load.remote_host, load.remote_port, request, dest.views,
+                              self._pull_timeout_s)
+            dest.commit()
         except Exception as e:  # noqa: BLE001 - any failure means: recompute these blocks
             logger.warning("KV pull %s failed, its %d blocks will be recomputed: %s",
                            load.transfer_id, len(load.local_block_ids), e)

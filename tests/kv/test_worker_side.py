@@ -50,9 +50,11 @@ def make_worker() -> Iterator[WorkerFactory]:
     made: list[ConnectorWorker] = []
 
     def make(caches: dict[str, torch.Tensor], lease_s: float = 30.0,
-             lease_wait_s: float = 5.0) -> ConnectorWorker:
+             lease_wait_s: float = 5.0, stage_through_host: bool | None = None
+             ) -> ConnectorWorker:
         worker = ConnectorWorker("127.0.0.1", 0, lease_s=lease_s, pull_timeout_s=5.0,
-                                 lease_wait_s=lease_wait_s)
+                                 lease_wait_s=lease_wait_s,
+                                 stage_through_host=stage_through_host)
         made.append(worker)
         worker.register_kv_caches(caches)
         return worker
@@ -98,11 +100,18 @@ def lease_and_load(prefill: ConnectorWorker, transfer_id: str, remote: tuple[int
             PlannedLoad(transfer_id, f"dec-{transfer_id}", host, port, remote, local))
 
 
-def test_decode_receives_the_leased_blocks_byte_for_byte(make_worker: WorkerFactory) -> None:
+@pytest.mark.parametrize(("prefill_stages", "decode_stages"), [
+    (False, False), (True, True), (True, False), (False, True)],
+    ids=["direct", "staged-both", "staged-prefill", "staged-decode"])
+def test_decode_receives_the_leased_blocks_byte_for_byte(
+        make_worker: WorkerFactory, prefill_stages: bool, decode_stages: bool) -> None:
+    # Staging through host memory is the accelerator path; forced here on CPU tensors so
+    # the same gather/commit code runs in these tests.
     src, dst = kv_caches(seed=0), kv_caches(seed=1)
     src_before = {n: as_bytes(t) for n, t in src.items()}
     dst_before = {n: t.clone() for n, t in dst.items()}
-    prefill, decode = make_worker(src), make_worker(dst)
+    prefill = make_worker(src, stage_through_host=prefill_stages)
+    decode = make_worker(dst, stage_through_host=decode_stages)
     lease, load = lease_and_load(prefill, "t1", remote=(2, 5, 3), local=(7, 1, 4))
     p_steps, d_steps = Steps(prefill), Steps(decode)
 
