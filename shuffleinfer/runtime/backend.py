@@ -32,6 +32,7 @@ from shuffleinfer.protocol import (
     PrefillResult,
     TokenDelta,
 )
+from shuffleinfer.runtime.stop_boundary import StopBoundary
 
 logger = logging.getLogger(__name__)
 
@@ -85,6 +86,7 @@ class RayBackend:
         prefill_actor = decode_actor = prefill_ref = None
         prefill: PrefillResult | None = None
         finished = False
+        boundary = StopBoundary(request.sampling.stop)
         try:
             prefill_id = await sched.schedule_prefill.remote(
                 req_id, len(request.prompt_token_ids))
@@ -93,7 +95,7 @@ class RayBackend:
             prefill = await prefill_ref
             sched.prefill_done.remote(req_id)
             finished = prefill.first.finish_reason is not None
-            yield prefill.first
+            yield boundary.first(prefill.first)
             if finished:
                 return
             decode_id = await sched.schedule_decode.remote(req_id)
@@ -101,9 +103,12 @@ class RayBackend:
             stream = decode_actor.decode.options(num_returns="streaming").remote(
                 request, prefill)
             async for ref in stream:
-                delta: TokenDelta = await ref
+                delta: TokenDelta = boundary.decode(await ref)
                 finished = delta.finish_reason is not None
                 yield delta
+                if boundary.stopped:  # a stop string neither engine could see alone
+                    self._spawn(self._abort(req_id, None, None, prefill, decode_actor))
+                    return
         except RayActorError as e:
             raise BackendUnavailableError(f"an instance serving {req_id} died: {e}") from e
         finally:

@@ -142,3 +142,18 @@ def test_client_disconnect_aborts_both_legs_and_frees_kv(server: str) -> None:
         time.sleep(0.5)
     assert all(i["num_running_reqs"] == 0 for i in loads), loads
     assert all(i["kv_cache_usage"] == 0 for i in loads), loads
+
+
+@pytest.mark.parametrize(("stop", "content"), [
+    ("The capital", ""),      # starts in the first token (prefill), ends in the decode leg
+    ("e cap", "Th"),          # straddles inside the words
+    (" Paris", "The capital of France is"),  # wholly inside the decode leg (vLLM's own check)
+])
+def test_stop_string_across_the_prefill_decode_boundary(server: str, stop: str,
+                                                        content: str) -> None:
+    r = httpx.post(f"{server}/v1/chat/completions", timeout=60, json={
+        "messages": [{"role": "user", "content": "What is the capital of France?"}],
+        "max_tokens": 24, "temperature": 0, "stop": [stop]})
+    assert r.status_code == 200, r.text
+    choice = r.json()["choices"][0]
+    assert (choice["message"]["content"], choice["finish_reason"]) == (content, "stop")
