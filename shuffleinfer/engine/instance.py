@@ -14,6 +14,7 @@ Roles are a matter of which method is called: every engine loads the same connec
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import uuid
 from collections.abc import AsyncIterator
@@ -148,8 +149,7 @@ class EngineInstance:
             self._queued_prompt_tokens -= len(req.prompt_token_ids)
         first = _merge(deltas, prefill_instance=self.spec.instance_id)
         if first.finish_reason == "length" and wants_decode:
-            first = TokenDelta(first.token_ids, first.text, first.logprobs, None,
-                               prefill_instance=self.spec.instance_id)
+            first = dataclasses.replace(first, finish_reason=None)
             if not kv_params:
                 logger.warning("%s: no KV lease for %s; the decode will recompute the prompt",
                                self.spec.instance_id, req.req_id)

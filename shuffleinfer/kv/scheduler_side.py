@@ -113,11 +113,16 @@ class ConnectorScheduler:
 
     @staticmethod
     def _release_async(params: dict[str, Any]) -> None:
-        def run() -> None:
-            try:
-                tcp.release(str(params[m.REMOTE_HOST]), int(params[m.REMOTE_PORT]),
-                            str(params[m.TRANSFER_ID]))
-            except tcp.KVTransferError as e:
-                logger.warning("could not release KV lease early (it will expire): %s", e)
+        threading.Thread(target=release_lease, args=(params,), name="shuffleinfer-kv-release",
+                         daemon=True).start()
 
-        threading.Thread(target=run, name="shuffleinfer-kv-release", daemon=True).start()
+
+def release_lease(params: dict[str, Any]) -> None:
+    """Tell the prefill worker named in a prefill's output params that its lease will never
+    be pulled, so it frees the blocks now; a failure is logged (the lease then expires)."""
+    try:
+        tcp.release(str(params[m.REMOTE_HOST]), int(params[m.REMOTE_PORT]),
+                    str(params[m.TRANSFER_ID]))
+    except tcp.KVTransferError as e:
+        logger.warning("could not release KV lease %s early (it will expire): %s",
+                       params.get(m.TRANSFER_ID), e)

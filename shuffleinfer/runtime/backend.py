@@ -21,8 +21,7 @@ from typing import Any
 import ray
 from ray.exceptions import RayActorError
 
-from shuffleinfer.kv import tcp
-from shuffleinfer.kv.metadata import REMOTE_HOST, REMOTE_PORT, TRANSFER_ID
+from shuffleinfer.kv.scheduler_side import release_lease
 from shuffleinfer.protocol import (
     BackendUnavailableError,
     GenerateRequest,
@@ -50,18 +49,6 @@ class ClusterHandles:
     @property
     def instances(self) -> dict[str, Any]:
         return self.prefill | self.decode
-
-
-async def _release_lease(result: PrefillResult) -> None:
-    params = result.kv_transfer_params
-    if not params:
-        return
-    try:
-        await asyncio.to_thread(tcp.release, str(params[REMOTE_HOST]),
-                                int(params[REMOTE_PORT]), str(params[TRANSFER_ID]))
-    except tcp.KVTransferError as e:
-        logger.warning("could not release KV lease %s (it will expire): %s",
-                       params.get(TRANSFER_ID), e)
 
 
 class RayBackend:
@@ -128,30 +115,32 @@ class RayBackend:
                 if prefill_ref is not None:
                     # The prefill may have finished just before the abort reached it.
                     prefill = await prefill_ref
-            if prefill is not None and decode_actor is None:
-                await _release_lease(prefill)
+            if prefill is not None and prefill.kv_transfer_params and decode_actor is None:
+                await asyncio.to_thread(release_lease, prefill.kv_transfer_params)
         except (RayActorError, ray.exceptions.RayTaskError) as e:
             logger.warning("abort of %s incomplete: %s", req_id, e)
 
     async def health(self) -> HealthReport:
-        loads: list[InstanceLoad] = []
-        for instance_id, actor in self.handles.instances.items():
+        async def load(instance_id: str, actor: Any) -> InstanceLoad:
             try:
-                loads.append(await asyncio.wait_for(actor.load.remote(), _HEALTH_TIMEOUT_S))
+                return await asyncio.wait_for(actor.load.remote(), _HEALTH_TIMEOUT_S)
             except (RayActorError, TimeoutError):
                 role = "prefill" if instance_id in self.handles.prefill else "decode"
-                loads.append(InstanceLoad(instance_id, role, ready=False))  # type: ignore[arg-type]
-        return HealthReport(ready=all(load.ready for load in loads), instances=tuple(loads))
+                return InstanceLoad(instance_id, role, ready=False)  # type: ignore[arg-type]
+
+        loads = await asyncio.gather(*(load(i, a) for i, a in self.handles.instances.items()))
+        return HealthReport(ready=all(x.ready for x in loads), instances=tuple(loads))
 
     async def kv_stats(self) -> KVTransferStats:
-        total = KVTransferStats()
-        for actor in self.handles.instances.values():
-            try:
-                s: KVTransferStats = await actor.kv_stats.remote()
-            except RayActorError:
-                continue
-            total = KVTransferStats(total.num_transfers + s.num_transfers,
-                                    total.num_failures + s.num_failures,
-                                    total.num_bytes + s.num_bytes,
-                                    total.seconds + s.seconds)
-        return total
+        replies = await asyncio.gather(
+            *(actor.kv_stats.remote() for actor in self.handles.instances.values()),
+            return_exceptions=True)
+        stats = [r for r in replies if isinstance(r, KVTransferStats)]
+        for r in replies:
+            if isinstance(r, BaseException) and not isinstance(r, RayActorError):
+                raise r
+        return KVTransferStats(
+            num_transfers=sum(s.num_transfers for s in stats),
+            num_failures=sum(s.num_failures for s in stats),
+            num_bytes=sum(s.num_bytes for s in stats),
+            seconds=tuple(x for s in stats for x in s.seconds))

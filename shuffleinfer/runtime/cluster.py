@@ -68,11 +68,10 @@ def engine_dtype(config: ServeConfig, gpu: bool) -> str:
 
 def instance_specs(config: ServeConfig, model_path: str, gpu: bool) -> list[InstanceSpec]:
     """One spec per instance; prefill instances first."""
-    roles = ["prefill"] * config.num_prefill + ["decode"] * config.num_decode
-    counters: dict[str, int] = {}
+    roles = [("prefill", n) for n in range(config.num_prefill)] + \
+        [("decode", n) for n in range(config.num_decode)]
     specs = []
-    for role in roles:
-        n = counters[role] = counters.get(role, -1) + 1
+    for role, n in roles:
         specs.append(InstanceSpec(
             instance_id=f"{role}-{n}", role=role, model=model_path,  # type: ignore[arg-type]
             chunk_size=config.chunk_size, dtype=engine_dtype(config, gpu),
