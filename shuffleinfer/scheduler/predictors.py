@@ -6,12 +6,17 @@ from __future__ import annotations
 
 import bisect
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from shuffleinfer.scheduler.policies.registry import lookup
-from shuffleinfer.scheduler.prediction import OutputLengthPredictor, Prediction
+from shuffleinfer.scheduler.prediction import (
+    OutputLengthPredictor,
+    Prediction,
+    PredictorInput,
+    check_num_output_tokens,
+)
 
 
 class PredictorConfig(BaseModel):
@@ -49,20 +54,32 @@ class RunningMedian(OutputLengthPredictor):
         self._arrivals: deque[int] = deque()
         self._sorted: list[int] = []  # the same values, kept sorted for the median
 
-    def predict(self, prompt_token_ids: Sequence[int], max_tokens: int) -> Prediction:
-        """Called per request; O(1) apart from the cap."""
+    @property
+    def median(self) -> int:
+        """Median of the remembered lengths (rounded up), or the prior if none."""
         values, n = self._sorted, len(self._sorted)
-        point = (self.config.prior_output_tokens if n == 0
-                 else (values[(n - 1) // 2] + values[n // 2] + 1) // 2)
-        return bucketed(point, max_tokens, self.config.bucket_width_tokens)
+        if n == 0:
+            return self.config.prior_output_tokens
+        return (values[(n - 1) // 2] + values[n // 2] + 1) // 2
 
-    def observe(self, prompt_token_ids: Sequence[int], max_tokens: int,
-                true_output_tokens: int) -> None:
+    @property
+    def window(self) -> list[int]:
+        """The remembered lengths, oldest first (a copy)."""
+        return list(self._arrivals)
+
+    def predict(self, request: PredictorInput) -> Prediction:
+        """Called per request; O(1) apart from the cap."""
+        return bucketed(self.median, request.max_tokens, self.config.bucket_width_tokens)
+
+    def observe(self, request: PredictorInput, num_output_tokens: int) -> None:
         """Called per finished request; O(window_size) at worst (list insert/remove)."""
-        if true_output_tokens < 0:
-            raise ValueError(f"true_output_tokens must be >= 0, got {true_output_tokens}")
-        self._arrivals.append(true_output_tokens)
-        bisect.insort(self._sorted, true_output_tokens)
+        check_num_output_tokens(request, num_output_tokens)
+        self.add(num_output_tokens)
+
+    def add(self, num_output_tokens: int) -> None:
+        """Remember one finished request's length (what `observe` does after checking)."""
+        self._arrivals.append(num_output_tokens)
+        bisect.insort(self._sorted, num_output_tokens)
         if len(self._arrivals) > self.config.window_size:
             oldest = self._arrivals.popleft()
             del self._sorted[bisect.bisect_left(self._sorted, oldest)]
