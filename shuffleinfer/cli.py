@@ -1,4 +1,4 @@
-"""The `shuffleinfer` command: `serve` and `model prepare`.
+"""The `shuffleinfer` command: `serve`, `model prepare` and `predictor label | eval`.
 
 Every `serve` option is a `ServeConfig` field; a YAML file given with `--config` supplies
 defaults and flags override it. Unknown flags and invalid values stop the command before
@@ -18,6 +18,7 @@ from pydantic import ValidationError
 
 from shuffleinfer.config import ServeConfig, load_config
 from shuffleinfer.model.cli import add_model_parser
+from shuffleinfer.predictor.cli import add_predictor_parser
 
 _SERVE_FLAGS: dict[str, type] = {
     "model": str, "served_model_name": str, "host": str, "port": int,
@@ -88,6 +89,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     subparsers = parser.add_subparsers(dest="command", required=True)
     add_serve_parser(subparsers)
     add_model_parser(subparsers)
+    add_predictor_parser(subparsers)
     args = parser.parse_args(argv)
     return int(args.handler(args))
 
