@@ -43,8 +43,8 @@ test: model
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check shuffleinfer tests
-	$(VENV)/bin/mypy shuffleinfer
+	$(VENV)/bin/ruff check shuffleinfer benchmarks tests
+	$(VENV)/bin/mypy shuffleinfer benchmarks
 
 clean:
 	rm -rf $(VENV)

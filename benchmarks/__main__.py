@@ -1,0 +1,92 @@
+"""`python -m benchmarks replay|compare ...` (run from the repository root)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from benchmarks.replay import add_workload_args, check_workload_args
+from benchmarks.systems import SYSTEM_NAMES
+
+DEFAULT_MODEL = "SmolLM2-135M-Instruct"
+
+
+def _replay_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    p = subparsers.add_parser("replay", help="replay a trace against an OpenAI endpoint",
+                              description="Open-loop replay of a trace against any "
+                              "OpenAI-compatible endpoint; writes DIR/summary.json, the "
+                              "per-request records and plots.")
+    p.add_argument("--endpoint", action="append", required=True, metavar="URL",
+                   help="base URL, e.g. http://127.0.0.1:8000 (repeat or comma-separate "
+                   "for round robin)")
+    p.add_argument("--model", default=DEFAULT_MODEL, help="model name the server answers to")
+    p.add_argument("--tokenizer", default=None,
+                   help="tokenizer to size prompts with (default: the model's)")
+    p.add_argument("--out", type=Path, required=True, metavar="DIR")
+    p.add_argument("--max-model-len", type=int, default=None,
+                   help="context to scale trace lengths into (default: what the server "
+                   "reports in /v1/models)")
+    p.add_argument("--instances", type=int, default=1,
+                   help="instances the endpoint occupies, for throughput per instance-second")
+    p.add_argument("--api-key", default=None)
+    add_workload_args(p)
+    return p
+
+
+def _compare_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    p = subparsers.add_parser("compare", help="start each system, replay, compare",
+                              description="Start ShuffleInfer and the vLLM baselines one "
+                              "at a time on the same cores and model, replay the same "
+                              "requests against each, and print ratios side by side.")
+    p.add_argument("--systems", default=",".join(SYSTEM_NAMES),
+                   help=f"comma-separated, first one is compared to the others "
+                   f"(known: {', '.join(SYSTEM_NAMES)})")
+    p.add_argument("--model", default=DEFAULT_MODEL)
+    p.add_argument("--out", type=Path, required=True, metavar="DIR")
+    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--max-model-len", type=int, default=2048)
+    p.add_argument("--chunk-size", type=int, default=512)
+    p.add_argument("--kv-cache-gib", type=int, default=2, help="KV cache per core")
+    p.add_argument("--num-prefill", type=int, default=1, help="ShuffleInfer prefill instances")
+    p.add_argument("--num-decode", type=int, default=1, help="ShuffleInfer decode instances")
+    p.add_argument("--replicas", type=int, default=None,
+                   help="vllm-rr replicas (default: one per core)")
+    p.add_argument("--shuffleinfer-args", default="",
+                   help="extra `shuffleinfer serve` flags, quoted as one string")
+    add_workload_args(p)
+    p.set_defaults(max_requests=30)  # three systems in turn, within ~10 minutes here
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Parse the command line and run one subcommand."""
+    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
+    subparsers = parser.add_subparsers(dest="command", required=True)
+    replay = _replay_parser(subparsers)
+    compare = _compare_parser(subparsers)
+    args = parser.parse_args(argv)
+    sub = replay if args.command == "replay" else compare
+    check_workload_args(sub, args)
+    for flag in ("instances", "max_model_len", "chunk_size", "kv_cache_gib", "num_prefill",
+                 "num_decode", "replicas"):
+        value = getattr(args, flag, None)
+        if value is not None and value < 1:
+            sub.error(f"--{flag.replace('_', '-')} must be >= 1, got {value}")
+    try:
+        if args.command == "replay":
+            from benchmarks.replay import run_replay
+
+            return run_replay(args)
+        from benchmarks.compare import parse_systems, run_compare
+
+        parse_systems(args.systems)
+        return run_compare(args)
+    except (ValueError, OSError) as e:
+        print(f"python -m benchmarks {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
