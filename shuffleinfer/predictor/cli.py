@@ -1,7 +1,8 @@
 """`shuffleinfer predictor label | eval`.
 
     shuffleinfer predictor label [--data FILE] --out LABELS [--limit N] [--max-tokens T]
-        [--model NAME] [--seed S] [--max-prompt-tokens P] [--batch-size B]
+        [--model NAME] [--seed S] [--max-prompt-tokens P] [--max-in-flight M]
+        [--dtype bfloat16|float32]
     shuffleinfer predictor eval [--data FILE] --labels LABELS [--json] [--target greedy|sampled]
         [--bucket-widths 50,100,200] [--max-tokens T] [--test-percent P] [--warmup W]
 
@@ -65,8 +66,11 @@ def add_predictor_parser(subparsers: argparse._SubParsersAction) -> argparse.Arg
                        help="embedded model name, HF id or path (default: the default model)")
     label.add_argument("--seed", type=int, default=0,
                        help="seed of the prompt choice and of the sampling (default: 0)")
-    label.add_argument("--batch-size", type=_positive, default=32,
-                       help="prompts per engine call, two generations each (default: 32)")
+    label.add_argument("--max-in-flight", type=_positive, default=64,
+                       help="prompts running in the engine at once, two generations each "
+                       "(default: 64)")
+    label.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16",
+                       help="engine dtype (default: bfloat16)")
     label.set_defaults(handler=run_label)
 
     ev = sub.add_parser("eval", help="evaluate the predictor against baselines",
@@ -102,14 +106,15 @@ def run_label(args: argparse.Namespace) -> int:
         set_cpu_engine_env()
         return VllmLabelEngine(resolve_model(args.model or DEFAULT_MODEL),
                                max_tokens=args.max_tokens,
-                               max_prompt_tokens=args.max_prompt_tokens, seed=args.seed)
+                               max_prompt_tokens=args.max_prompt_tokens,
+                               max_in_flight=args.max_in_flight, dtype=args.dtype,
+                               seed=args.seed)
 
     try:
         records = select_prompts(read_prompts(args.data or default_prompts_file()),
                                  args.limit, args.seed)
         summary = label_prompts(records, args.out, make_engine,
-                                max_prompt_tokens=args.max_prompt_tokens,
-                                batch_size=args.batch_size, seed=args.seed)
+                                max_prompt_tokens=args.max_prompt_tokens, seed=args.seed)
     except ModelPrepareError as e:
         print(f"shuffleinfer predictor label: error: {e}", file=sys.stderr)
         return _RUN_FAILED

@@ -25,7 +25,7 @@ class NgramPredictorConfig(PredictorConfig):
         "2**hash_bits * (buckets + 1) floats."))
     max_output_tokens: int = Field(default=2048, ge=1, description=(
         "Longest length with buckets of its own; longer outputs share the last bucket."))
-    learning_rate: float = Field(default=0.1, gt=0, description="AdaGrad step size.")
+    learning_rate: float = Field(default=0.2, gt=0, description="AdaGrad step size.")
     l2: float = Field(default=1e-5, ge=0, description="L2 penalty on touched weights.")
     fit_epochs: int = Field(default=4, ge=1, description=(
         "Passes over the labelled data when fitting offline."))

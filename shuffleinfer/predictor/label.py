@@ -3,23 +3,25 @@
 The life of one `label_prompts` run:
 1. ids already in the labels file are dropped (a run resumes where the last one stopped);
 2. each remaining prompt is tokenised with the chat template; one longer than
-   `max_prompt_tokens` gets a row saying why, and no generation;
-3. the others go to the engine in batches of `batch_size` prompts, both samplings of a
-   prompt (greedy and temperature 0.7 with a per-prompt seed) side by side in one batch
-   so that the prefix cache computes the prompt once;
-4. each batch's rows are appended to the labels file and flushed before the next batch.
+   `max_prompt_tokens` gets a row saying why (written at once), and no generation;
+3. the others stream through the engine, which keeps `max_in_flight` prompts running
+   (continuous batching: a finished prompt's place is taken at once, so long outputs do
+   not leave the batch half empty); both samplings of a prompt (greedy, and temperature
+   0.7 with a per-prompt seed) are submitted together so the prefix cache computes the
+   prompt once;
+4. rows are appended in the order prompts finish, `flush_every` at a time, each append
+   flushed to disk: a killed run loses at most the unflushed and running prompts.
 
 The engine is injected (a factory of `LabelEngine`, called only if something is left to
-label): `VllmLabelEngine` wraps vLLM's offline `LLM`; tests pass a fake.
+label): `VllmLabelEngine` drives vLLM's offline engine; tests pass a fake.
 """
 
 from __future__ import annotations
 
-import logging
 import os
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,8 +29,6 @@ from tqdm import tqdm
 
 from shuffleinfer.predictor.data import PromptRecord, stable_hash
 from shuffleinfer.predictor.labels import LabelRow, append_labels, labelled_ids
-
-log = logging.getLogger(__name__)
 
 SAMPLED_TEMPERATURE = 0.7
 """Temperature of the second, sampled column."""
@@ -45,6 +45,16 @@ class Completion:
     """"stop" (end of sequence) or "length" (hit max_tokens), as vLLM reports it."""
 
 
+@dataclass(frozen=True)
+class LabelJob:
+    """One prompt to run twice (greedy and sampled)."""
+
+    key: int
+    token_ids: list[int]
+    seed: int
+    """Seed of the sampled generation."""
+
+
 class LabelEngine(ABC):
     """Tokenises prompts and generates from them."""
 
@@ -53,9 +63,9 @@ class LabelEngine(ABC):
         """The prompt's token ids, chat template applied (generation prompt added)."""
 
     @abstractmethod
-    def generate(self, prompts: Sequence[list[int]],
-                 seeds: Sequence[int]) -> list[tuple[Completion, Completion]]:
-        """(greedy, sampled) completions of each prompt; `seeds` seed the sampled ones."""
+    def stream(self, jobs: Iterable[LabelJob]) -> Iterator[tuple[int, Completion, Completion]]:
+        """Run every job; yield (key, greedy, sampled) as each job's two generations have
+        finished, in the order they finish."""
 
 
 @dataclass(frozen=True)
@@ -76,66 +86,53 @@ class LabelSummary:
         return done / self.labelling_s if self.labelling_s > 0 else 0.0
 
 
+def _row(record: PromptRecord, num_prompt_tokens: int, greedy: Completion | None,
+         sampled: Completion | None) -> LabelRow:
+    return LabelRow(
+        id=record.id, prompt_id=record.prompt_id, task=record.task,
+        prompt_tokens=num_prompt_tokens,
+        greedy_output_tokens=greedy.num_output_tokens if greedy else None,
+        greedy_finish_reason=greedy.finish_reason if greedy else SKIPPED_TOO_LONG,
+        sampled_output_tokens=sampled.num_output_tokens if sampled else None,
+        sampled_finish_reason=sampled.finish_reason if sampled else SKIPPED_TOO_LONG)
+
+
 def label_prompts(records: Sequence[PromptRecord], out: Path,
                   make_engine: Callable[[], LabelEngine], *, max_prompt_tokens: int,
-                  batch_size: int = 32, seed: int = 0, progress: bool = True) -> LabelSummary:
-    """Label the records not yet in `out`, appending rows batch by batch (see module).
+                  flush_every: int = 16, seed: int = 0, progress: bool = True) -> LabelSummary:
+    """Label the records not yet in `out`, appending rows as they finish (see module).
 
     `make_engine` is called once, and only if some record is left to label.
-    Raises ValueError for a batch_size or max_prompt_tokens below 1.
+    Raises ValueError for a flush_every or max_prompt_tokens below 1.
     """
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if flush_every < 1:
+        raise ValueError(f"flush_every must be >= 1, got {flush_every}")
     if max_prompt_tokens < 1:
         raise ValueError(f"max_prompt_tokens must be >= 1, got {max_prompt_tokens}")
     done = labelled_ids(out)
     todo = [r for r in records if r.id not in done]
-    summary = LabelSummary(len(records), len(records) - len(todo), 0, 0)
     if not todo:
-        return summary
+        return LabelSummary(len(records), len(records), 0, 0)
     engine = make_engine()
-    labelled = skipped = 0
     started_at = time.monotonic()
-    with tqdm(total=len(todo), desc="labelling", unit="prompt", disable=not progress) as bar:
-        for start in range(0, len(todo), batch_size):
-            batch = todo[start:start + batch_size]
-            rows = _label_batch(batch, engine, max_prompt_tokens, seed)
-            append_labels(out, rows)
-            skipped += sum(r.greedy_output_tokens is None for r in rows)
-            labelled += sum(r.greedy_output_tokens is not None for r in rows)
-            bar.update(len(batch))
-    return LabelSummary(summary.num_selected, summary.num_already_labelled, labelled, skipped,
+    token_ids = [engine.tokenize(r) for r in todo]
+    skipped = [_row(r, len(ids), None, None)
+               for r, ids in zip(todo, token_ids, strict=True) if len(ids) > max_prompt_tokens]
+    append_labels(out, skipped)
+    jobs = [LabelJob(key, ids, stable_hash(todo[key].id, seed) % (1 << 31))
+            for key, ids in enumerate(token_ids) if len(ids) <= max_prompt_tokens]
+    pending: list[LabelRow] = []
+    with tqdm(total=len(todo), initial=len(skipped), desc="labelling", unit="prompt",
+              disable=not progress) as bar:
+        for key, greedy, sampled in engine.stream(jobs):
+            pending.append(_row(todo[key], len(token_ids[key]), greedy, sampled))
+            bar.update(1)
+            if len(pending) >= flush_every:
+                append_labels(out, pending)
+                pending.clear()
+        append_labels(out, pending)
+    return LabelSummary(len(records), len(records) - len(todo), len(jobs), len(skipped),
                         time.monotonic() - started_at)
-
-
-def _label_batch(batch: Sequence[PromptRecord], engine: LabelEngine, max_prompt_tokens: int,
-                 seed: int) -> list[LabelRow]:
-    token_ids = [engine.tokenize(r) for r in batch]
-    runnable = [i for i, ids in enumerate(token_ids) if len(ids) <= max_prompt_tokens]
-    results = engine.generate([token_ids[i] for i in runnable],
-                              [stable_hash(batch[i].id, seed) % (1 << 31) for i in runnable]
-                              ) if runnable else []
-    if len(results) != len(runnable):
-        raise RuntimeError(f"engine returned {len(results)} results for {len(runnable)} prompts")
-    by_index = dict(zip(runnable, results, strict=True))
-    rows = []
-    for i, record in enumerate(batch):
-        greedy: Completion | None
-        sampled: Completion | None
-        if i in by_index:
-            greedy, sampled = by_index[i]
-        else:
-            log.info("skipping %s: %d prompt tokens > %d", record.id, len(token_ids[i]),
-                     max_prompt_tokens)
-            greedy = sampled = None
-        rows.append(LabelRow(
-            id=record.id, prompt_id=record.prompt_id, task=record.task,
-            prompt_tokens=len(token_ids[i]),
-            greedy_output_tokens=greedy.num_output_tokens if greedy else None,
-            greedy_finish_reason=greedy.finish_reason if greedy else SKIPPED_TOO_LONG,
-            sampled_output_tokens=sampled.num_output_tokens if sampled else None,
-            sampled_finish_reason=sampled.finish_reason if sampled else SKIPPED_TOO_LONG))
-    return rows
 
 
 def set_cpu_engine_env(num_threads_bind: str = "0-1", kv_cache_gib: int = 4) -> None:
@@ -145,16 +142,16 @@ def set_cpu_engine_env(num_threads_bind: str = "0-1", kv_cache_gib: int = 4) -> 
 
 
 class VllmLabelEngine(LabelEngine):
-    """vLLM's offline `LLM` over a model path (bf16, prefix caching on)."""
+    """vLLM's offline engine (`LLM`) over a model, prefix caching on, fed continuously."""
 
     def __init__(self, model: str, *, max_tokens: int, max_prompt_tokens: int,
-                 seed: int = 0) -> None:
-        from vllm import LLM, SamplingParams
+                 max_in_flight: int = 64, dtype: str = "bfloat16", seed: int = 0) -> None:
+        from vllm import LLM
 
-        self._sampling_params = SamplingParams
         self.max_tokens = max_tokens
-        self.llm = LLM(model=model, dtype="bfloat16", seed=seed, enable_prefix_caching=True,
-                       max_model_len=max_prompt_tokens + max_tokens)
+        self.max_in_flight = max_in_flight
+        self.llm = LLM(model=model, dtype=dtype, seed=seed,  # type: ignore[arg-type]
+                       enable_prefix_caching=True, max_model_len=max_prompt_tokens + max_tokens)
         self.tokenizer = self.llm.get_tokenizer()
 
     def tokenize(self, record: PromptRecord) -> list[int]:
@@ -166,22 +163,34 @@ class VllmLabelEngine(LabelEngine):
             raise TypeError(f"chat template returned {type(text)}, expected text")
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
-    def generate(self, prompts: Sequence[list[int]],
-                 seeds: Sequence[int]) -> list[tuple[Completion, Completion]]:
-        """Greedy and sampled completion of each prompt, submitted together."""
-        if not prompts:
-            return []
+    def stream(self, jobs: Iterable[LabelJob]) -> Iterator[tuple[int, Completion, Completion]]:
+        """Keep up to `max_in_flight` jobs in the engine; step it; yield finished jobs."""
+        from vllm import RequestOutput, SamplingParams
         from vllm.inputs import TokensPrompt
 
-        greedy = self._sampling_params(temperature=0.0, max_tokens=self.max_tokens)
-        requests: list[TokensPrompt] = []
-        params = []
-        for ids, seed in zip(prompts, seeds, strict=True):
-            sampled = self._sampling_params(temperature=SAMPLED_TEMPERATURE,
-                                            max_tokens=self.max_tokens, seed=seed)
-            requests += [TokensPrompt(prompt_token_ids=ids), TokensPrompt(prompt_token_ids=ids)]
-            params += [greedy, sampled]
-        outputs = self.llm.generate(requests, params, use_tqdm=False)
-        completions = [Completion(len(o.outputs[0].token_ids), str(o.outputs[0].finish_reason))
-                       for o in outputs]
-        return list(zip(completions[0::2], completions[1::2], strict=True))
+        engine = self.llm.llm_engine
+        greedy = SamplingParams(temperature=0.0, max_tokens=self.max_tokens)
+        waiting = iter(jobs)
+        finished: dict[int, dict[str, Completion]] = {}
+        in_flight = 0
+        while True:
+            while in_flight < self.max_in_flight and (job := next(waiting, None)) is not None:
+                sampled = SamplingParams(temperature=SAMPLED_TEMPERATURE,
+                                         max_tokens=self.max_tokens, seed=job.seed)
+                for kind, params in (("greedy", greedy), ("sampled", sampled)):
+                    engine.add_request(f"{job.key}:{kind}",
+                                       TokensPrompt(prompt_token_ids=job.token_ids), params)
+                in_flight += 1
+            if in_flight == 0:
+                return
+            for output in engine.step():
+                if not output.finished or not isinstance(output, RequestOutput):
+                    continue
+                key, kind = output.request_id.split(":")
+                result = output.outputs[0]
+                both = finished.setdefault(int(key), {})
+                both[kind] = Completion(len(result.token_ids), str(result.finish_reason))
+                if len(both) == 2:
+                    del finished[int(key)]
+                    in_flight -= 1
+                    yield int(key), both["greedy"], both["sampled"]

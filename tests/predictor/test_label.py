@@ -1,10 +1,10 @@
-"""The label command's bookkeeping with a fake engine: rows appended per batch, a run
-resumes after a crash without redoing or losing prompts, long prompts are recorded as
-skipped, and both samplings of a prompt go to the engine together."""
+"""The label command's bookkeeping with a fake engine: rows appended as prompts finish, a
+run resumes after a crash without redoing or losing prompts, long prompts are recorded as
+skipped, and nothing starts an engine when everything is labelled."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import pytest
@@ -14,28 +14,33 @@ from shuffleinfer.predictor.label import (
     SKIPPED_TOO_LONG,
     Completion,
     LabelEngine,
+    LabelJob,
     label_prompts,
 )
 from shuffleinfer.predictor.labels import COLUMNS, read_labels
 
 
 class FakeEngine(LabelEngine):
-    """Token ids = one per word; greedy length = 2 x words; fails on batch `fail_on`."""
+    """One token per word; greedy length = 2 x words, sampled = 3 x words cut at 20.
+    Jobs finish in reverse order within windows of 3 (like continuous batching, later
+    prompts may finish first); the engine dies after `die_after` results."""
 
-    def __init__(self, fail_on: int | None = None) -> None:
-        self.batches: list[int] = []
-        self.fail_on = fail_on
+    def __init__(self, die_after: int | None = None) -> None:
+        self.jobs: list[LabelJob] = []
+        self.die_after = die_after
 
     def tokenize(self, record: PromptRecord) -> list[int]:
         return list(range(len(record.messages[-1]["content"].split())))
 
-    def generate(self, prompts: Sequence[list[int]],
-                 seeds: Sequence[int]) -> list[tuple[Completion, Completion]]:
-        if self.fail_on is not None and len(self.batches) == self.fail_on:
-            raise RuntimeError("engine died")
-        self.batches.append(len(prompts))
-        return [(Completion(2 * len(p), "stop"), Completion(min(3 * len(p), 20), "length"))
-                for p in prompts]
+    def stream(self, jobs: Iterable[LabelJob]) -> Iterator[tuple[int, Completion, Completion]]:
+        self.jobs = list(jobs)
+        order = [job for i in range(0, len(self.jobs), 3) for job in reversed(self.jobs[i:i + 3])]
+        for n, job in enumerate(order):
+            if n == self.die_after:
+                raise RuntimeError("engine died")
+            words = len(job.token_ids)
+            yield job.key, Completion(2 * words, "stop"), Completion(min(3 * words, 20),
+                                                                       "length")
 
 
 def prompts(n: int) -> list[PromptRecord]:
@@ -48,30 +53,41 @@ def test_rows_hold_both_samplings_and_skipped_prompts_say_why(tmp_path: Path) ->
     out = tmp_path / "labels.csv"
     engine = FakeEngine()
     summary = label_prompts(prompts(5), out, lambda: engine, max_prompt_tokens=4,
-                            batch_size=2, progress=False)
-    rows = read_labels(out)
+                            flush_every=2, progress=False)
+    rows = {r.id: r for r in read_labels(out)}
     assert out.read_text().splitlines()[0] == ",".join(COLUMNS)
-    assert [r.id for r in rows] == [f"x:{i}" for i in range(5)]
-    assert (rows[2].prompt_tokens, rows[2].greedy_output_tokens,
-            rows[2].sampled_output_tokens) == (3, 6, 9)
-    assert rows[4].greedy_output_tokens is None
-    assert rows[4].greedy_finish_reason == SKIPPED_TOO_LONG
+    assert sorted(rows) == [f"x:{i}" for i in range(5)]
+    assert (rows["x:2"].prompt_tokens, rows["x:2"].greedy_output_tokens,
+            rows["x:2"].sampled_output_tokens) == (3, 6, 9)
+    assert rows["x:4"].greedy_output_tokens is None
+    assert rows["x:4"].greedy_finish_reason == SKIPPED_TOO_LONG
     assert (summary.num_labelled, summary.num_skipped) == (4, 1)
-    assert engine.batches == [2, 2]  # the 5-word prompt never reached the engine
+    assert [job.key for job in engine.jobs] == [0, 1, 2, 3]  # the long one never ran
+    assert len({job.seed for job in engine.jobs}) == 4  # each prompt its own sampling seed
 
 
 def test_a_crashed_run_resumes_where_it_stopped(tmp_path: Path) -> None:
     out = tmp_path / "labels.csv"
     with pytest.raises(RuntimeError, match="engine died"):
-        label_prompts(prompts(7), out, lambda: FakeEngine(fail_on=2), max_prompt_tokens=100,
-                      batch_size=3, progress=False)
-    assert len(read_labels(out)) == 6  # the two finished batches were kept
+        label_prompts(prompts(7), out, lambda: FakeEngine(die_after=5), max_prompt_tokens=100,
+                      flush_every=2, progress=False)
+    assert len(read_labels(out)) == 4  # two flushes of two; the fifth was not flushed
     engine = FakeEngine()
     summary = label_prompts(prompts(7), out, lambda: engine, max_prompt_tokens=100,
-                            batch_size=3, progress=False)
-    assert engine.batches == [1]
-    assert (summary.num_already_labelled, summary.num_labelled) == (6, 1)
-    assert [r.id for r in read_labels(out)] == [f"x:{i}" for i in range(7)]
+                            flush_every=2, progress=False)
+    assert len(engine.jobs) == 3
+    assert (summary.num_already_labelled, summary.num_labelled) == (4, 3)
+    assert sorted(r.id for r in read_labels(out)) == [f"x:{i}" for i in range(7)]
+
+
+def test_the_same_seed_gives_the_same_sampling_seeds(tmp_path: Path) -> None:
+    seeds = []
+    for run, seed in enumerate((0, 0, 1)):
+        engine = FakeEngine()
+        label_prompts(prompts(3), tmp_path / f"{run}.csv", lambda e=engine: e,
+                      max_prompt_tokens=100, seed=seed, progress=False)
+        seeds.append([job.seed for job in engine.jobs])
+    assert seeds[0] == seeds[1] != seeds[2]
 
 
 def test_nothing_left_to_label_starts_no_engine(tmp_path: Path) -> None:
@@ -89,12 +105,13 @@ def test_a_torn_last_row_is_dropped_and_relabelled(tmp_path: Path) -> None:
     out = tmp_path / "labels.csv"
     label_prompts(prompts(3), out, FakeEngine, max_prompt_tokens=100, progress=False)
     text = out.read_text()
-    out.write_text(text[: text.rfind("x:2") + 6])  # killed while writing the last row
-    assert [r.id for r in read_labels(out)] == ["x:0", "x:1"]
+    last_id = text.splitlines()[-1].split(",")[0]
+    out.write_text(text[: text.rfind(last_id) + 6])  # killed while writing the last row
+    assert len(read_labels(out)) == 2
     label_prompts(prompts(3), out, FakeEngine, max_prompt_tokens=100, progress=False)
     rows = read_labels(out)
-    assert [r.id for r in rows] == ["x:0", "x:1", "x:2"]
-    assert rows[2].greedy_output_tokens == 6
+    assert sorted(r.id for r in rows) == ["x:0", "x:1", "x:2"]
+    assert {r.id: r.greedy_output_tokens for r in rows}[last_id] == 2 * (int(last_id[2:]) + 1)
 
 
 def test_a_foreign_csv_is_refused(tmp_path: Path) -> None:
