@@ -2,7 +2,7 @@
 
     shuffleinfer predictor label [--data FILE] --out LABELS [--limit N] [--max-tokens T]
         [--model NAME] [--seed S] [--max-prompt-tokens P] [--max-in-flight M]
-        [--dtype bfloat16|float32]
+        [--dtype auto|bfloat16|float16|float32]
     shuffleinfer predictor eval [--data FILE] --labels LABELS [--json] [--target greedy|sampled]
         [--bucket-widths 50,100,200] [--max-tokens T] [--test-percent P] [--warmup W]
 
@@ -69,8 +69,10 @@ def add_predictor_parser(subparsers: argparse._SubParsersAction) -> argparse.Arg
     label.add_argument("--max-in-flight", type=_positive, default=64,
                        help="prompts running in the engine at once, two generations each "
                        "(default: 64)")
-    label.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16",
-                       help="engine dtype (default: bfloat16)")
+    label.add_argument("--dtype", choices=("auto", "bfloat16", "float16", "float32"),
+                       default="auto", help="engine dtype; label with the dtype you serve "
+                       "(outputs differ between dtypes). auto, like `serve`: float32 on CPU, "
+                       "the model's own dtype on GPU (default: auto)")
     label.set_defaults(handler=run_label)
 
     ev = sub.add_parser("eval", help="evaluate the predictor against baselines",

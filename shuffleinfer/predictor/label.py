@@ -141,13 +141,24 @@ def set_cpu_engine_env(num_threads_bind: str = "0-1", kv_cache_gib: int = 4) -> 
     os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", num_threads_bind)
 
 
+def resolve_dtype(dtype: str) -> str:
+    """`auto` as `serve` resolves it: float32 on CPU (vLLM's CPU backend runs bfloat16
+    slower than float32 on CPUs without AVX512-BF16/AMX), the model's own on GPU."""
+    if dtype != "auto":
+        return dtype
+    import torch
+
+    return "auto" if torch.cuda.is_available() else "float32"
+
+
 class VllmLabelEngine(LabelEngine):
     """vLLM's offline engine (`LLM`) over a model, prefix caching on, fed continuously."""
 
     def __init__(self, model: str, *, max_tokens: int, max_prompt_tokens: int,
-                 max_in_flight: int = 64, dtype: str = "bfloat16", seed: int = 0) -> None:
+                 max_in_flight: int = 64, dtype: str = "auto", seed: int = 0) -> None:
         from vllm import LLM
 
+        dtype = resolve_dtype(dtype)
         self.max_tokens = max_tokens
         self.max_in_flight = max_in_flight
         self.llm = LLM(model=model, dtype=dtype, seed=seed,  # type: ignore[arg-type]
