@@ -1,6 +1,6 @@
-"""Simple output-length predictors behind the `OutputLengthPredictor` contract, chosen by
-name. `running_median` learns online from finished requests with bounded memory; it stands
-in until a learned predictor (shuffleinfer.predictor) lands."""
+"""Output-length predictors behind the `OutputLengthPredictor` contract, chosen by name.
+`running_median` learns online from finished requests with bounded memory (and is the
+learned predictor's prior); `ngram` is the learned predictor of shuffleinfer.predictor."""
 
 from __future__ import annotations
 
@@ -85,8 +85,19 @@ class RunningMedian(OutputLengthPredictor):
             del self._sorted[bisect.bisect_left(self._sorted, oldest)]
 
 
+def _ngram(config: PredictorConfig | None) -> OutputLengthPredictor:
+    """The learned predictor (shuffleinfer.predictor); a plain PredictorConfig's fields
+    override its defaults."""
+    from shuffleinfer.predictor import NgramPredictor, NgramPredictorConfig
+
+    if config is None or isinstance(config, NgramPredictorConfig):
+        return NgramPredictor(config)
+    return NgramPredictor(NgramPredictorConfig(**config.model_dump()))
+
+
 PREDICTORS: dict[str, Callable[[PredictorConfig | None], OutputLengthPredictor]] = {
     "running_median": RunningMedian,
+    "ngram": _ngram,
 }
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 
+from shuffleinfer.predictor import NgramPredictor
 from shuffleinfer.scheduler.prediction import Prediction, PredictorInput
 from shuffleinfer.scheduler.predictors import (
     PREDICTORS,
@@ -74,7 +75,9 @@ def test_bad_input_is_refused() -> None:
 
 
 def test_predictors_are_chosen_by_name() -> None:
-    assert set(PREDICTORS) == {"running_median"}
+    assert set(PREDICTORS) == {"running_median", "ngram"}
     assert isinstance(make_predictor("running_median"), RunningMedian)
+    ngram = make_predictor("ngram", PredictorConfig(bucket_width_tokens=64))
+    assert isinstance(ngram, NgramPredictor) and ngram.config.bucket_width_tokens == 64
     with pytest.raises(ValueError, match="'oracle'.*running_median"):
         make_predictor("oracle")
