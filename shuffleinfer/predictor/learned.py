@@ -63,8 +63,12 @@ class NgramPredictor(OutputLengthPredictor):
 
     def bucket_probabilities(self, request: PredictorInput) -> np.ndarray:
         """Probabilities of the buckets 0..(bucket of max_tokens), capped at max_tokens."""
-        p = self._model.bucket_probabilities(self.features(request))
-        cap = self._bucket_of(request.max_tokens)
+        return self._capped(self._model.bucket_probabilities(self.features(request)),
+                            request.max_tokens)
+
+    def _capped(self, p: np.ndarray, max_tokens: int) -> np.ndarray:
+        """`p` with the mass of the buckets above max_tokens moved onto its bucket."""
+        cap = self._bucket_of(max_tokens)
         capped = p[: cap + 1].copy()
         capped[cap] += p[cap + 1:].sum()
         return capped
@@ -75,14 +79,11 @@ class NgramPredictor(OutputLengthPredictor):
             return self.prior.predict(request)
         model = self._model  # one read: a concurrent `apply` swaps the whole model
         x = self.features(request)
-        p = model.bucket_probabilities(x)
         width, max_tokens = self.config.bucket_width_tokens, request.max_tokens
-        cap = self._bucket_of(max_tokens)
-        capped = p[: cap + 1].copy()
-        capped[cap] += p[cap + 1:].sum()
+        capped = self._capped(model.bucket_probabilities(x), max_tokens)
         bucket = int(np.argmax(capped))
         lower = bucket * width
-        upper = max_tokens if bucket == cap else (bucket + 1) * width
+        upper = max_tokens if bucket == len(capped) - 1 else (bucket + 1) * width
         if self.config.point_rule == "regression":
             estimate = math.expm1(model.log_length(x))
         else:
