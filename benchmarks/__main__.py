@@ -45,7 +45,9 @@ def _compare_parser(subparsers: argparse._SubParsersAction) -> argparse.Argument
                    f"(known: {', '.join(SYSTEM_NAMES)})")
     p.add_argument("--model", default=DEFAULT_MODEL)
     p.add_argument("--out", type=Path, required=True, metavar="DIR")
-    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--dtype", default="auto",
+                   help="for every system; auto = what `shuffleinfer serve` uses (float32 on "
+                   "CPU: bfloat16 is slower on CPUs without AVX512-BF16)")
     p.add_argument("--max-model-len", type=int, default=2048)
     p.add_argument("--chunk-size", type=int, default=512)
     p.add_argument("--kv-cache-gib", type=int, default=2, help="KV cache per core")

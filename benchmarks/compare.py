@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import shlex
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,7 @@ from benchmarks.systems import (
     stop_system,
     wait_ready,
 )
+from shuffleinfer.runtime.cluster import has_gpu
 
 RATIO_KEYS = ["mean_ttft_ms", "p99_ttft_ms", "mean_tpot_ms", "p99_tpot_ms", "mean_jct_ms",
               "p99_jct_ms", "output_throughput", "output_throughput_per_instance_s",
@@ -41,6 +43,10 @@ def parse_systems(text: str) -> list[str]:
         raise ValueError(f"--systems: unknown {unknown or 'empty list'}; known: "
                          f"{', '.join(SYSTEM_NAMES)}")
     return names
+
+
+def _raise_keyboard_interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
 
 
 def subject_ratios(summaries: dict[str, dict[str, Any]],
@@ -95,7 +101,10 @@ def run_compare(args: argparse.Namespace) -> int:
 
     systems = parse_systems(args.systems)
     model_path = resolve_model(args.model)
-    settings = EngineSettings(model=args.model, model_path=model_path, dtype=args.dtype,
+    # A SIGTERM must stop the servers this command started, as Ctrl-C does.
+    signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
+    dtype = args.dtype if args.dtype != "auto" else ("auto" if has_gpu() else "float32")
+    settings = EngineSettings(model=args.model, model_path=model_path, dtype=dtype,
                               max_model_len=args.max_model_len, chunk_size=args.chunk_size,
                               kv_cache_gib=args.kv_cache_gib)
     workload = build_workload(args, settings.max_model_len)

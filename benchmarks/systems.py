@@ -38,7 +38,7 @@ class EngineSettings:
     """Name the servers answer to (the `model` field of requests)."""
     model_path: str
     """Weights and tokenizer every server loads."""
-    dtype: str = "bfloat16"
+    dtype: str = "float32"
     max_model_len: int = 2048
     chunk_size: int = 512
     kv_cache_gib: int = 2
