@@ -25,7 +25,8 @@ _SERVE_FLAGS: dict[str, type] = {
     "num_prefill": int, "num_decode": int, "chunk_size": int, "dtype": str,
     "max_model_len": int, "kv_cache_gib": int, "cpus_per_instance": int,
     "kv_host": str, "kv_lease_s": float, "address": str, "api_key": str,
-    "prefill_policy": str, "decode_policy": str, "cache_dir": Path,
+    "prefill_policy": str, "decode_policy": str, "cache_dir": Path, "predictor": str,
+    "predictor_state": Path, "predictor_push_s": float,
 }
 
 

@@ -54,6 +54,14 @@ class ServeConfig(BaseModel):
     api_key: str | None = Field(None, description="If set, /v1 needs this Bearer token.")
     prefill_policy: str = Field("least_load", description="Prefill placement policy.")
     decode_policy: str = Field("least_load", description="Decode placement policy.")
+    predictor: str = Field("ngram", description=(
+        "Output-length predictor: ngram (learns online from finished requests) or "
+        "running_median."))
+    predictor_state: Path | None = Field(None, description=(
+        "File the predictor's learned state is loaded from at start (if it exists) and "
+        "saved to as it learns and on shutdown."))
+    predictor_push_s: float = Field(5.0, gt=0, description=(
+        "Seconds between pushes of the learner's newer model to the prefill instances."))
     cache_dir: Path | None = Field(None, description=(
         "Where embedded models are prepared (default ~/.cache/shuffleinfer/models)."))
     engine_args: dict[str, Any] = Field(default_factory=dict, description=(
@@ -65,6 +73,15 @@ class ServeConfig(BaseModel):
         if name not in PREFILL_PLACEMENT_POLICIES:
             raise ValueError(f"unknown policy {name!r}; known: "
                              f"{', '.join(PREFILL_PLACEMENT_POLICIES)}")
+        return name
+
+    @field_validator("predictor")
+    @classmethod
+    def _known_predictor(cls, name: str) -> str:
+        from shuffleinfer.scheduler.predictors import PREDICTORS
+
+        if name not in PREDICTORS:
+            raise ValueError(f"unknown predictor {name!r}; known: {', '.join(PREDICTORS)}")
         return name
 
     @field_validator("decode_policy")

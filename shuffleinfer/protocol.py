@@ -20,6 +20,8 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
+from shuffleinfer.scheduler.prediction import Prediction
+
 FinishReason = Literal["stop", "length", "abort", "error"]
 
 
@@ -47,6 +49,10 @@ class GenerateRequest:
     req_id: str
     prompt_token_ids: tuple[int, ...]
     sampling: SamplingOptions
+    prompt_text: str = ""
+    """A completion's text prompt, or a chat request's last user message: what the
+    output-length predictor reads. Empty when the prompt came as token ids."""
+    is_chat: bool = False
 
 
 @dataclass(frozen=True)
@@ -81,6 +87,8 @@ class PrefillResult:
     kv_transfer_params: dict[str, Any] | None
     """None when no decode is needed (the first token already finished the request)."""
     num_cached_tokens: int = 0
+    prediction: Prediction | None = None
+    """The output-length prediction made beside the prefill; None if late or failed."""
 
 
 @dataclass(frozen=True)
@@ -106,6 +114,28 @@ class KVTransferStats:
     num_bytes: int = 0
     seconds: tuple[float, ...] = field(default_factory=tuple)
     """Duration of each transfer not reported before (drained on read)."""
+
+
+@dataclass(frozen=True)
+class PredictionStats:
+    """Cumulative output-length prediction counters of the cluster."""
+
+    num_on_time: int = 0
+    """Predictions ready when their prefill finished."""
+    num_late: int = 0
+    """Prefills that finished first: the decode was placed with the prior instead."""
+    num_failed: int = 0
+    """Predictions that raised (also placed with the prior)."""
+    num_scored: int = 0
+    """Finished requests whose prediction was compared with their true length."""
+    num_bucket_hits: int = 0
+    """... whose true length fell within the predicted [lower, upper] bucket."""
+    abs_errors: tuple[int, ...] = ()
+    """|predicted point - true length| per request scored since the last read."""
+    predict_seconds: tuple[float, ...] = ()
+    """Wall time of each prediction made since the last read."""
+    version: int = 0
+    """Number of updates the learner has made (observations and fits)."""
 
 
 @dataclass(frozen=True)
@@ -141,4 +171,8 @@ class Backend(Protocol):
 
     async def kv_stats(self) -> KVTransferStats:
         """Called by GET /metrics: KV hand-over counters summed over decode instances."""
+        ...
+
+    async def prediction_stats(self) -> PredictionStats:
+        """Called by GET /metrics: output-length prediction counters of the cluster."""
         ...

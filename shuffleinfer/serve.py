@@ -30,7 +30,8 @@ def build_app(config: ServeConfig) -> tuple[object, object]:
     name = config.served_model_name or config.model
     backend = RayBackend(handles, model_name=name,
                          max_model_len=min(i.max_model_len for i in infos),
-                         tokenizer=AutoTokenizer.from_pretrained(model_path))
+                         tokenizer=AutoTokenizer.from_pretrained(model_path),
+                         predictor_push_s=config.predictor_push_s)
     app = create_app(backend, served_model_name=name, api_key=config.api_key)
     return app, handles
 

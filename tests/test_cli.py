@@ -43,6 +43,8 @@ def run(argv: list[str]) -> int:
     (["--dtype", "float8"], "--dtype"),
     (["--prefill-policy", "nope"], "--prefill-policy"),
     (["--decode-policy", "nope"], "--decode-policy"),
+    (["--predictor", "oracle"], "--predictor"),
+    (["--predictor-push-s", "0"], "--predictor-push-s"),
     (["--port", "abc"], "--port"),
     (["--port", "70000"], "--port"),
     (["--kv-lease-s", "0"], "--kv-lease-s"),

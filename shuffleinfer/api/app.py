@@ -174,8 +174,10 @@ class Server:
         return JSONResponse(body, status_code=200 if report.ready else 503)
 
     async def prometheus(self) -> Response:
-        """GET /metrics: this app's registry, with KV counters refreshed from the backend."""
+        """GET /metrics: this app's registry, with KV and prediction counters refreshed
+        from the backend."""
         await self.metrics.refresh_kv(self.backend)
+        await self.metrics.prediction.refresh(self.backend)
         return Response(self.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
 

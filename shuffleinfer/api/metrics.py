@@ -14,6 +14,7 @@ from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 
+from shuffleinfer.api.prediction_metrics import PredictionMetrics
 from shuffleinfer.protocol import Backend, KVTransferStats, TokenDelta
 
 logger = logging.getLogger(__name__)
@@ -68,6 +69,7 @@ class ApiMetrics:
                                        "backend.kv_stats() failed (KV metrics left stale)",
                                        registry=r)
         self._kv_seen = KVTransferStats()
+        self.prediction = PredictionMetrics(r)
 
     def count_request(self, endpoint: str, status: int | str) -> None:
         """Count one finished request; call exactly once per request."""

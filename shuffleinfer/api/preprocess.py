@@ -131,7 +131,9 @@ def prepare_completion(
     sampling = sampling_options(request, max_tokens=request.max_tokens,
                                 logprobs=request.logprobs, num_prompt_tokens=len(prompt_ids),
                                 max_model_len=max_model_len, prompt_param="prompt")
-    return GenerateRequest(new_req_id("cmpl"), tuple(prompt_ids), sampling)
+    prompt = single_prompt(request.prompt)
+    return GenerateRequest(new_req_id("cmpl"), tuple(prompt_ids), sampling,
+                           prompt_text=prompt if isinstance(prompt, str) else "")
 
 
 def prepare_chat(
@@ -148,4 +150,6 @@ def prepare_chat(
                                 logprobs=logprobs, num_prompt_tokens=len(prompt_ids),
                                 max_model_len=max_model_len, prompt_param="messages",
                                 max_tokens_param=max_tokens_param)
-    return GenerateRequest(new_req_id("chatcmpl"), tuple(prompt_ids), sampling)
+    last_user = next((m.text() for m in reversed(request.messages) if m.role == "user"), "")
+    return GenerateRequest(new_req_id("chatcmpl"), tuple(prompt_ids), sampling,
+                           prompt_text=last_user, is_chat=True)

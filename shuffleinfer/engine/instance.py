@@ -23,6 +23,7 @@ from typing import Any, Literal
 
 from shuffleinfer.engine import sampling
 from shuffleinfer.engine.stats import EngineStatsCollector
+from shuffleinfer.predictor.site import PredictionSite, SiteStats
 from shuffleinfer.protocol import (
     GenerateRequest,
     InstanceLoad,
@@ -30,6 +31,7 @@ from shuffleinfer.protocol import (
     PrefillResult,
     TokenDelta,
 )
+from shuffleinfer.scheduler.predictors import make_predictor
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +53,8 @@ class InstanceSpec:
     kv_port: int = 0
     kv_lease_s: float = 30.0
     engine_args: dict[str, Any] = field(default_factory=dict)
+    predictor: str | None = None
+    """Output-length predictor run beside each prefill (a registry name); None: none."""
 
 
 @dataclass(frozen=True)
@@ -104,6 +108,7 @@ class EngineInstance:
         self._stats = EngineStatsCollector()
         self._num_inflight = 0
         self._queued_prompt_tokens = 0
+        self._site = PredictionSite(make_predictor(spec.predictor) if spec.predictor else None)
 
     async def start(self) -> EngineInfo:
         """Build the engine (loads the model; about 30 s on CPU). Called once."""
@@ -127,7 +132,22 @@ class EngineInstance:
         return self._engine
 
     async def prefill(self, req: GenerateRequest) -> PrefillResult:
-        """Prefill leg: run the prompt, sample the first token, lease its KV if needed."""
+        """Prefill leg: run the prompt, sample the first token, lease its KV if needed; the
+        output length is predicted beside it."""
+        result, prediction = await self._site.beside(req, self._prefill(req))
+        return dataclasses.replace(result, prediction=prediction)
+
+    def apply_predictor(self, state: Any) -> bool:
+        """Called when the learner has a newer model: predict with it from now on."""
+        return self._site.apply(state)
+
+    def prediction_stats(self) -> SiteStats:
+        """Cumulative prediction outcomes; per-prediction seconds are drained."""
+        stats = self._site.stats
+        seconds, stats.predict_seconds = stats.predict_seconds, []
+        return dataclasses.replace(stats, predict_seconds=seconds)
+
+    async def _prefill(self, req: GenerateRequest) -> PrefillResult:
         engine = self._require_engine()
         wants_decode = req.sampling.max_tokens > 1
         transfer_id = uuid.uuid4().hex if wants_decode else None

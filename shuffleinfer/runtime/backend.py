@@ -3,11 +3,12 @@
 One request through `RayBackend.generate`:
 1. ask the scheduler actor for a prefill instance; call its `prefill` (the first token and
    the KV lease come back) and yield the first token at once;
-2. tell the scheduler the prefill is done, ask it for a decode instance, and stream that
-   instance's deltas straight to the api (a Ray streaming generator; the scheduler never
-   sees tokens);
+2. tell the scheduler the prefill is done, ask it for a decode instance (with the output
+   length predicted beside the prefill), and stream that instance's deltas straight to
+   the api (a Ray streaming generator; the scheduler never sees tokens);
 3. in `finally`: if the request did not finish, abort it on both instances and release
-   the KV lease nobody will pull; tell the scheduler the request is over.
+   the KV lease nobody will pull; tell the scheduler the request is over (with its output
+   length if it ran to its end, which the cluster's length learner learns from).
 """
 
 from __future__ import annotations
@@ -22,18 +23,29 @@ import ray
 from ray.exceptions import RayActorError
 
 from shuffleinfer.kv.scheduler_side import release_lease
+from shuffleinfer.predictor.site import predictor_input
 from shuffleinfer.protocol import (
     BackendUnavailableError,
     GenerateRequest,
     HealthReport,
     InstanceLoad,
     KVTransferStats,
+    PredictionStats,
     PrefillResult,
     TokenDelta,
 )
 from shuffleinfer.runtime.stop_boundary import StopBoundary
+from shuffleinfer.scheduler.prediction import PredictorInput
 
 logger = logging.getLogger(__name__)
+
+
+def _predictor_input(request: GenerateRequest) -> PredictorInput | None:
+    try:
+        return predictor_input(request)
+    except ValueError as e:  # the predictor cannot read it; the request goes on without
+        logger.warning("no output-length prediction for %s: %s", request.req_id, e)
+        return None
 
 _HEALTH_TIMEOUT_S = 5.0
 
@@ -55,8 +67,12 @@ class RayBackend:
     """Orchestrates each request's two legs over the cluster's actors."""
 
     def __init__(self, handles: ClusterHandles, *, model_name: str, max_model_len: int,
-                 tokenizer: Any) -> None:
+                 tokenizer: Any, predictor_push_s: float | None = None) -> None:
         self.handles = handles
+        self.predictor_push_s = predictor_push_s
+        """Seconds between model pushes from the learner to the instances (None: never)."""
+        self._pushed_version = 0
+        self._pusher: asyncio.Future[None] | None = None
         self.model_name = model_name
         self.max_model_len = max_model_len
         self.tokenizer = tokenizer
@@ -73,25 +89,32 @@ class RayBackend:
         prefill_actor = decode_actor = prefill_ref = None
         prefill: PrefillResult | None = None
         finished = False
+        num_output_tokens = 0
+        reason: str | None = None
         boundary = StopBoundary(request.sampling.stop)
+        self._start_pushing()
         try:
             prefill_id = await sched.schedule_prefill.remote(
-                req_id, len(request.prompt_token_ids))
+                req_id, len(request.prompt_token_ids), _predictor_input(request))
             prefill_actor = self.handles.instances[prefill_id]
             prefill_ref = prefill_actor.prefill.remote(request)
             prefill = await prefill_ref
             sched.prefill_done.remote(req_id)
             finished = prefill.first.finish_reason is not None
+            reason = prefill.first.finish_reason
+            num_output_tokens = len(prefill.first.token_ids)
             yield boundary.first(prefill.first)
             if finished:
                 return
-            decode_id = await sched.schedule_decode.remote(req_id)
+            decode_id = await sched.schedule_decode.remote(req_id, prefill.prediction)
             decode_actor = self.handles.instances[decode_id]
             stream = decode_actor.decode.options(num_returns="streaming").remote(
                 request, prefill)
             async for ref in stream:
                 delta: TokenDelta = boundary.decode(await ref)
                 finished = delta.finish_reason is not None
+                reason = delta.finish_reason
+                num_output_tokens += len(delta.token_ids)
                 yield delta
                 if boundary.stopped:  # a stop string neither engine could see alone
                     self._spawn(self._abort(req_id, None, None, prefill, decode_actor))
@@ -102,7 +125,9 @@ class RayBackend:
             if not finished:
                 self._spawn(self._abort(req_id, prefill_actor, prefill_ref, prefill,
                                         decode_actor))
-            sched.finish.remote(req_id)
+            # Only a request that ran to its end teaches the predictor its length.
+            normal = finished and reason in ("stop", "length")
+            sched.finish.remote(req_id, num_output_tokens if normal else None)
 
     async def _abort(self, req_id: str, prefill_actor: Any, prefill_ref: Any,
                      prefill: PrefillResult | None, decode_actor: Any) -> None:
@@ -119,6 +144,48 @@ class RayBackend:
                 await asyncio.to_thread(release_lease, prefill.kv_transfer_params)
         except (RayActorError, ray.exceptions.RayTaskError) as e:
             logger.warning("abort of %s incomplete: %s", req_id, e)
+
+    def _start_pushing(self) -> None:
+        if self._pusher is None and self.predictor_push_s is not None:
+            self._pusher = asyncio.ensure_future(self._push_predictor_forever())
+
+    async def _push_predictor_forever(self) -> None:
+        """Every `predictor_push_s`, send the learner's newer model to every instance (any
+        instance may prefill after a flip). A failed push only delays the next version."""
+        assert self.predictor_push_s is not None
+        while True:
+            await asyncio.sleep(self.predictor_push_s)
+            try:
+                await self.push_predictor()
+            except (RayActorError, ray.exceptions.RayTaskError) as e:
+                logger.warning("predictor push failed: %s", e)
+
+    async def push_predictor(self) -> int:
+        """Send the learner's model to the instances if it is newer than the last one
+        sent; returns the version the instances now have."""
+        state = await self.handles.scheduler.predictor_snapshot.remote(self._pushed_version)
+        if state is not None:
+            ref = ray.put(state)
+            await asyncio.gather(*(a.apply_predictor.remote(ref)
+                                   for a in self.handles.instances.values()))
+            self._pushed_version = state.version
+        return self._pushed_version
+
+    async def prediction_stats(self) -> PredictionStats:
+        """The learner's accuracy counters plus every instance's prediction outcomes."""
+        learner = await self.handles.scheduler.learner_stats.remote()
+        replies = await asyncio.gather(
+            *(a.prediction_stats.remote() for a in self.handles.instances.values()),
+            return_exceptions=True)
+        sites = [r for r in replies if not isinstance(r, BaseException)]
+        return PredictionStats(
+            num_on_time=sum(s.num_on_time for s in sites),
+            num_late=sum(s.num_late for s in sites),
+            num_failed=sum(s.num_failed for s in sites),
+            num_scored=learner.num_scored, num_bucket_hits=learner.num_bucket_hits,
+            abs_errors=learner.abs_errors,
+            predict_seconds=tuple(x for s in sites for x in s.predict_seconds),
+            version=learner.version)
 
     async def health(self) -> HealthReport:
         async def load(instance_id: str, actor: Any) -> InstanceLoad:

@@ -15,6 +15,7 @@ from shuffleinfer.config import ServeConfig
 from shuffleinfer.engine.instance import EngineInfo, InstanceSpec
 from shuffleinfer.runtime.actors import InstanceActor, SchedulerActor
 from shuffleinfer.runtime.backend import ClusterHandles
+from shuffleinfer.scheduler.learner import Learner
 
 logger = logging.getLogger(__name__)
 
@@ -77,7 +78,7 @@ def instance_specs(config: ServeConfig, model_path: str, gpu: bool) -> list[Inst
             chunk_size=config.chunk_size, dtype=engine_dtype(config, gpu),
             max_model_len=config.max_model_len, kv_host=config.kv_host,
             kv_port=free_port(config.kv_host), kv_lease_s=config.kv_lease_s,
-            engine_args=dict(config.engine_args)))
+            engine_args=dict(config.engine_args), predictor=config.predictor))
     return specs
 
 
@@ -97,7 +98,8 @@ async def launch(config: ServeConfig, model_path: str) -> tuple[ClusterHandles, 
     scheduler = SchedulerActor.options(num_cpus=0).remote(
         [s.instance_id for s in specs if s.role == "prefill"],
         [s.instance_id for s in specs if s.role == "decode"],
-        config.prefill_policy, config.decode_policy)
+        config.prefill_policy, config.decode_policy,
+        learner=Learner.create(config.predictor, config.predictor_state))
     handles = ClusterHandles(
         scheduler=scheduler,
         prefill={s.instance_id: actors[s.instance_id] for s in specs if s.role == "prefill"},
@@ -106,7 +108,11 @@ async def launch(config: ServeConfig, model_path: str) -> tuple[ClusterHandles, 
 
 
 def shutdown(handles: ClusterHandles) -> None:
-    """Stop every engine and actor of a deployment."""
+    """Stop every engine and actor of a deployment; the learner saves what it learned."""
+    try:
+        ray.get(handles.scheduler.save_predictor.remote(), timeout=30)
+    except Exception as e:  # noqa: BLE001 - best effort on the way out
+        logger.warning("predictor save: %s", e)
     for actor in handles.instances.values():
         try:
             ray.get(actor.shutdown.remote(), timeout=30)

@@ -17,6 +17,7 @@ import random
 from collections import Counter
 from dataclasses import dataclass
 
+from shuffleinfer.scheduler.learner import Learner, LearnerStats
 from shuffleinfer.scheduler.policies.placement import (
     PREFILL_PLACEMENT_POLICIES,
     InstanceView,
@@ -27,7 +28,7 @@ from shuffleinfer.scheduler.policies.placement import (
     make_placement_policy,
 )
 from shuffleinfer.scheduler.policies.registry import lookup
-from shuffleinfer.scheduler.prediction import Prediction
+from shuffleinfer.scheduler.prediction import Prediction, PredictorInput
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +49,7 @@ class RequestEntry:
     phase: Phase = Phase.PREFILLING
     decode_id: str | None = None
     prediction: Prediction | None = None
+    predictor_input: PredictorInput | None = None
 
 
 class NoInstanceError(RuntimeError):
@@ -60,7 +62,7 @@ class GlobalScheduler:
     def __init__(self, prefill_ids: list[str], decode_ids: list[str],
                  prefill_policy: str = "least_load", decode_policy: str = "least_load",
                  placement_config: PlacementConfig | None = None,
-                 rng: random.Random | None = None) -> None:
+                 rng: random.Random | None = None, learner: Learner | None = None) -> None:
         if not prefill_ids or not decode_ids:
             raise ValueError("need at least one prefill and one decode instance")
         lookup(PREFILL_PLACEMENT_POLICIES, prefill_policy, "prefill placement policy")
@@ -73,6 +75,8 @@ class GlobalScheduler:
         self._table: dict[str, RequestEntry] = {}
         self.num_fallbacks: Counter[str] = Counter()
         """Placements where the policy fell back from its own rule, by reason."""
+        self.learner = learner
+        """The cluster's output-length learner (None: decodes are placed unpredicted)."""
 
     def _views(self, ids: list[str]) -> list[InstanceView]:
         # Free KV is not known here yet: the cluster monitor will report it.
@@ -102,14 +106,17 @@ class GlobalScheduler:
                         decision.instance_id)
         return decision.instance_id
 
-    def schedule_prefill(self, req_id: str, num_prompt_tokens: int) -> str:
-        """Called when a request arrives: pick its prefill instance."""
+    def schedule_prefill(self, req_id: str, num_prompt_tokens: int,
+                         predictor_input: PredictorInput | None = None) -> str:
+        """Called when a request arrives: pick its prefill instance. `predictor_input` is
+        what the learner learns from when the request finishes."""
         if req_id in self._table:
             raise ValueError(f"request {req_id} is already scheduled")
         decision = self._prefill_policy.place(PlacementRequest(req_id, num_prompt_tokens),
                                               self._views(self._prefill_ids))
         prefill_id = self._decided(req_id, decision)
-        self._table[req_id] = RequestEntry(req_id, num_prompt_tokens, prefill_id)
+        self._table[req_id] = RequestEntry(req_id, num_prompt_tokens, prefill_id,
+                                           predictor_input=predictor_input)
         return prefill_id
 
     def prefill_done(self, req_id: str) -> None:
@@ -120,10 +127,13 @@ class GlobalScheduler:
     def schedule_decode(self, req_id: str, prediction: Prediction | None = None) -> str:
         """Called after prefill_done when more tokens are wanted: pick the decode instance.
         `prediction` (the request's predicted output length) feeds placement and the
-        heavy/light counts of the instance it lands on."""
+        heavy/light counts of the instance it lands on; when it is None (late or failed
+        on the prefill instance) the learner's prior stands in."""
         entry = self._table.get(req_id)
         if entry is None:
             raise ValueError(f"request {req_id} is not scheduled")
+        if prediction is None and self.learner is not None and entry.predictor_input:
+            prediction = self.learner.fallback(entry.predictor_input)
         request = PlacementRequest(req_id, entry.num_prompt_tokens, prediction)
         decision = self._decode_policy.place(request, self._views(self._decode_ids))
         entry.decode_id = self._decided(req_id, decision)
@@ -131,9 +141,27 @@ class GlobalScheduler:
         entry.phase = Phase.DECODING
         return entry.decode_id
 
-    def finish(self, req_id: str) -> None:
-        """Called once when a request ends for any reason (idempotent)."""
-        self._table.pop(req_id, None)
+    def finish(self, req_id: str, num_output_tokens: int | None = None) -> None:
+        """Called once when a request ends for any reason (idempotent); with its output
+        length when it ended normally (stop or length), which the learner learns from."""
+        entry = self._table.pop(req_id, None)
+        if (entry is None or num_output_tokens is None or self.learner is None
+                or entry.predictor_input is None):
+            return
+        self.learner.finish(entry.predictor_input, entry.prediction, num_output_tokens)
+
+    def predictor_snapshot(self, version: int) -> object | None:
+        """The learner's model state if newer than `version` (for prediction sites)."""
+        return None if self.learner is None else self.learner.snapshot_if_newer(version)
+
+    def learner_stats(self) -> LearnerStats:
+        """Prediction accuracy counters since the start (errors since the last call)."""
+        return LearnerStats() if self.learner is None else self.learner.take_stats()
+
+    def save_predictor(self) -> None:
+        """Called on shutdown: keep what the learner learned."""
+        if self.learner is not None:
+            self.learner.save()
 
     def num_inflight(self) -> dict[str, int]:
         """Requests currently held per instance (prefilling or decoding)."""

@@ -10,6 +10,7 @@ double-BOS trap is live. Neither needs the network.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -27,6 +28,7 @@ from shuffleinfer.protocol import (
     HealthReport,
     InstanceLoad,
     KVTransferStats,
+    PredictionStats,
     TokenDelta,
     TokenLogprob,
 )
@@ -98,6 +100,7 @@ class FakeBackend:
         self.script: Callable[[GenerateRequest], list[TokenDelta]] | None = None
         self.ready = True
         self.kv = KVTransferStats()
+        self.predictions = PredictionStats()
         self.requests: list[GenerateRequest] = []
         self.completed: list[str] = []
         self.aborted: list[str] = []
@@ -152,6 +155,12 @@ class FakeBackend:
         """The current `self.kv`; its `seconds` are drained like a real backend's."""
         stats = self.kv
         self.kv = KVTransferStats(stats.num_transfers, stats.num_failures, stats.num_bytes)
+        return stats
+
+    async def prediction_stats(self) -> PredictionStats:
+        """The current `self.predictions`; its samples are drained like a real backend's."""
+        stats = self.predictions
+        self.predictions = dataclasses.replace(stats, abs_errors=(), predict_seconds=())
         return stats
 
 

@@ -6,7 +6,7 @@ import httpx
 from fastapi import FastAPI
 
 from shuffleinfer.api import create_app
-from shuffleinfer.protocol import KVTransferStats
+from shuffleinfer.protocol import KVTransferStats, PredictionStats
 
 from .conftest import FakeBackend, metric
 
@@ -94,6 +94,28 @@ async def test_kv_counters_follow_the_backend_totals(
     assert metric(text, "shuffleinfer_kv_transfer_bytes_total") == 5000
     assert metric(text, "shuffleinfer_kv_transfer_seconds_count") == 3
     assert abs(metric(text, "shuffleinfer_kv_transfer_seconds_sum") - 0.06) < 1e-9
+
+
+async def test_prediction_metrics_follow_the_backend(
+    client: httpx.AsyncClient, backend: FakeBackend
+) -> None:
+    backend.predictions = PredictionStats(num_on_time=8, num_late=1, num_failed=1,
+                                          num_scored=9, num_bucket_hits=6,
+                                          abs_errors=(10, 30, 200), predict_seconds=(0.0003,),
+                                          version=42)
+    text = (await client.get("/metrics")).text
+    assert metric(text, "shuffleinfer_predictions_total", outcome="on_time") == 8
+    assert metric(text, "shuffleinfer_predictions_total", outcome="late") == 1
+    assert metric(text, "shuffleinfer_prediction_bucket_hits_total") == 6
+    assert metric(text, "shuffleinfer_prediction_scored_total") == 9
+    assert metric(text, "shuffleinfer_prediction_abs_error_tokens_sum") == 240
+    assert metric(text, "shuffleinfer_predictor_version") == 42
+    backend.predictions = PredictionStats(num_on_time=10, num_late=1, num_failed=1,
+                                          num_scored=10, num_bucket_hits=7, abs_errors=(5,))
+    text = (await client.get("/metrics")).text
+    assert metric(text, "shuffleinfer_predictions_total", outcome="on_time") == 10
+    assert metric(text, "shuffleinfer_prediction_abs_error_tokens_count") == 4
+    assert metric(text, "shuffleinfer_prediction_seconds_count") == 1
 
 
 async def test_failing_kv_stats_still_serves_metrics_and_counts_the_failure(

@@ -47,12 +47,13 @@ def tokenizer(model_path: str):  # noqa: ANN201 - a Hugging Face tokenizer
 
 @pytest.fixture(scope="session")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """Base URL of a running `shuffleinfer serve` (1 prefill + 1 decode, chunk 256)."""
+    """Base URL of a running `shuffleinfer serve` (1 prefill + 1 decode, chunk 256, decodes
+    placed by the shuffle policy with the learned length predictor)."""
     port = _free_port()
     log_path = tmp_path_factory.mktemp("serve") / "serve.log"
     cmd = [sys.executable, "-m", "shuffleinfer", "serve", "--port", str(port),
            "--chunk-size", str(CHUNK_SIZE), "--max-model-len", str(MAX_MODEL_LEN),
-           "--kv-cache-gib", "1"]
+           "--kv-cache-gib", "1", "--decode-policy", "shuffle", "--predictor-push-s", "1"]
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
                                 start_new_session=True)

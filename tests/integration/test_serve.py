@@ -100,6 +100,32 @@ def test_concurrent_requests_use_both_roles(server: str) -> None:
     assert sum(decoded_after.values()) - sum(decoded.values()) == 16
 
 
+def test_output_lengths_are_predicted_beside_the_prefill_and_learned(server: str) -> None:
+    def totals() -> dict[str, float]:
+        outcomes = metric_values(server, "shuffleinfer_predictions_total")
+        return {"on_time": outcomes.get('{outcome="on_time"}', 0.0),
+                "late": outcomes.get('{outcome="late"}', 0.0),
+                "scored": sum(metric_values(server, "shuffleinfer_prediction_scored_total")
+                              .values()),
+                "version": sum(metric_values(server, "shuffleinfer_predictor_version")
+                               .values())}
+
+    before = totals()
+    for i in range(6):
+        response = httpx.post(f"{server}/v1/chat/completions", timeout=300, json={
+            "messages": [{"role": "user", "content": f"List {i + 2} colours."}],
+            "max_tokens": 24, "temperature": 0})
+        assert response.status_code == 200
+    after = totals()
+    # Every request got a prediction made beside its prefill, in time (a prefill takes
+    # about 100 ms here, a prediction well under 1 ms) ...
+    assert after["on_time"] - before["on_time"] == 6
+    assert after["late"] == before["late"]
+    # ... was scored against its true length, and taught the cluster's learner.
+    assert after["scored"] - before["scored"] == 6
+    assert after["version"] - before["version"] >= 6
+
+
 @pytest.mark.parametrize(("body", "status", "needle"), [
     ('{"prompt": "hi", "max_tokens": ', 400, "JSON"),
     ('{"prompt": "hi", "max_tokens": "many"}', 400, "max_tokens"),
