@@ -5,6 +5,7 @@
         [--dtype auto|bfloat16|float16|float32]
     shuffleinfer predictor eval [--data FILE] --labels LABELS [--json] [--target greedy|sampled]
         [--bucket-widths 50,100,200] [--max-tokens T] [--test-percent P] [--warmup W]
+        [--bucket-rule most_likely|holding_point] [--point-rule regression|distribution_median]
 
 Exit codes: 0 done, 1 the run failed, 2 usage error (bad option or input file).
 """
@@ -92,6 +93,12 @@ def add_predictor_parser(subparsers: argparse._SubParsersAction) -> argparse.Arg
     ev.add_argument("--warmup", type=int, default=500,
                     help="prequential figures start after this many requests (default: 500)")
     ev.add_argument("--seed", type=int, default=0, help="seed of the split (default: 0)")
+    ev.add_argument("--bucket-rule", choices=("most_likely", "holding_point"),
+                    default="most_likely", help="the predictor's bucket_rule (default: "
+                    "most_likely)")
+    ev.add_argument("--point-rule", choices=("regression", "distribution_median"),
+                    default="regression", help="the predictor's point_rule (default: "
+                    "regression)")
     ev.add_argument("--json", action="store_true",
                     help="also print all figures as one JSON object on the last line")
     ev.set_defaults(handler=run_eval)
@@ -144,7 +151,8 @@ def run_eval(args: argparse.Namespace) -> int:
         prompts = {r.id: r for r in read_prompts(args.data or default_prompts_file())
                    if r.id in wanted}
         examples, max_tokens = build_examples(labels, prompts, args.target, args.max_tokens)
-        report = evaluate(examples, args.target, max_tokens, NgramPredictorConfig(),
+        config = NgramPredictorConfig(bucket_rule=args.bucket_rule, point_rule=args.point_rule)
+        report = evaluate(examples, args.target, max_tokens, config,
                           widths=args.bucket_widths, test_percent=args.test_percent,
                           warmup=args.warmup, seed=args.seed)
     except (OSError, ValueError) as e:

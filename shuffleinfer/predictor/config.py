@@ -9,6 +9,7 @@ from pydantic import Field
 from shuffleinfer.scheduler.predictors import PredictorConfig
 
 PointRule = Literal["regression", "distribution_median"]
+BucketRule = Literal["most_likely", "holding_point"]
 
 
 class NgramPredictorConfig(PredictorConfig):
@@ -34,6 +35,10 @@ class NgramPredictorConfig(PredictorConfig):
     point_rule: PointRule = Field(default="regression", description=(
         "Point estimate: the log-length median regression, or the median of the bucket "
         "distribution; either is clipped into the predicted bucket."))
+    bucket_rule: BucketRule = Field(default="most_likely", description=(
+        "The predicted bucket: the most likely one (the point is clipped into it), or the "
+        "one holding the point estimate (better MAE when lengths are bimodal, e.g. a "
+        "model that either answers briefly or runs to max_tokens)."))
     seed: int = Field(default=0, description="Seed of the shuffling when fitting.")
 
     @property

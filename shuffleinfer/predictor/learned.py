@@ -81,14 +81,17 @@ class NgramPredictor(OutputLengthPredictor):
         x = self.features(request)
         width, max_tokens = self.config.bucket_width_tokens, request.max_tokens
         capped = self._capped(model.bucket_probabilities(x), max_tokens)
-        bucket = int(np.argmax(capped))
+        if self.config.point_rule == "regression":
+            estimate = min(max(round(math.expm1(model.log_length(x))), 0), max_tokens)
+        else:
+            estimate = round(_distribution_median(capped, width, max_tokens))
+        if self.config.bucket_rule == "most_likely":
+            bucket = int(np.argmax(capped))
+        else:
+            bucket = min(estimate // width, len(capped) - 1)
         lower = bucket * width
         upper = max_tokens if bucket == len(capped) - 1 else (bucket + 1) * width
-        if self.config.point_rule == "regression":
-            estimate = math.expm1(model.log_length(x))
-        else:
-            estimate = _distribution_median(capped, width, max_tokens)
-        point = min(max(round(estimate), lower), upper)
+        point = min(max(estimate, lower), upper)
         return Prediction(lower=lower, upper=upper, point=point, bucket=bucket)
 
     def observe(self, request: PredictorInput, num_output_tokens: int) -> None:
