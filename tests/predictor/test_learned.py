@@ -116,8 +116,10 @@ def test_fit_refuses_mismatched_or_empty_data() -> None:
         NgramPredictor().fit([], [])
 
 
-def test_an_empty_prompt_text_still_gets_a_prediction() -> None:
-    # a completion given as token ids has no text; the length features still count
-    predictor = NgramPredictor(NgramPredictorConfig(min_observations=0))
-    prediction = predictor.predict(request(text="", num_prompt_tokens=40))
-    assert 0 <= prediction.point <= 512
+def test_without_text_the_prompt_length_still_informs_the_prediction() -> None:
+    # a completion given as token ids has no text; its length is still a feature
+    short, long = request(text="", num_prompt_tokens=12), request(text="", num_prompt_tokens=900)
+    predictor = NgramPredictor()
+    predictor.fit([short, long] * 100, [20, 300] * 100)
+    assert predictor.predict(short).bucket == 0
+    assert predictor.predict(long).bucket == 6
