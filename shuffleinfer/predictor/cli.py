@@ -110,6 +110,7 @@ def run_label(args: argparse.Namespace) -> int:
     from shuffleinfer.model import DEFAULT_MODEL, ModelPrepareError, resolve_model
     from shuffleinfer.predictor.data import read_prompts, select_prompts
     from shuffleinfer.predictor.label import VllmLabelEngine, label_prompts, set_cpu_engine_env
+    from shuffleinfer.predictor.labels import describe, read_labels
 
     def make_engine() -> VllmLabelEngine:
         set_cpu_engine_env()
@@ -134,6 +135,9 @@ def run_label(args: argparse.Namespace) -> int:
           f"labelled, {summary.num_labelled} labelled now, {summary.num_skipped} skipped "
           f"(longer than {args.max_prompt_tokens} tokens) in {summary.labelling_s:.0f} s "
           f"({summary.prompts_per_s:.2f} prompts/s); labels in {args.out}", file=sys.stderr)
+    rows = read_labels(args.out) if args.out.is_file() else []
+    for target in ("greedy", "sampled"):
+        print(describe(rows, target), file=sys.stderr)
     return 0
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 import io
 import os
+import statistics
 from collections.abc import Iterable, Sequence
 from dataclasses import astuple, dataclass, fields
 from pathlib import Path
@@ -124,3 +125,14 @@ def append_labels(path: Path, rows: Sequence[LabelRow]) -> None:
 
 def _csv_values(row: LabelRow) -> Iterable[object]:
     return ["" if value is None else value for value in astuple(row)]
+
+
+def describe(rows: Sequence[LabelRow], target: Target) -> str:
+    """One line on the `target` lengths: count, median, p90, share cut at max_tokens."""
+    lengths = sorted(n for r in rows if (n := r.output_tokens(target)) is not None)
+    if not lengths:
+        return f"{target}: no labels"
+    cut = sum(r.finish_reason(target) == "length" for r in rows)
+    p90 = lengths[min(len(lengths) - 1, int(0.9 * len(lengths)))]
+    return (f"{target}: {len(lengths)} labels, median {statistics.median(lengths):.0f}, "
+            f"p90 {p90}, {100 * cut / len(lengths):.0f}% cut at max_tokens")
