@@ -40,7 +40,7 @@ def _compare_parser(subparsers: argparse._SubParsersAction) -> argparse.Argument
                               description="Start ShuffleInfer and the vLLM baselines one "
                               "at a time on the same cores and model, replay the same "
                               "requests against each, and print ratios side by side.")
-    p.add_argument("--systems", default=",".join(SYSTEM_NAMES),
+    p.add_argument("--systems", default="shuffleinfer,vllm",
                    help=f"comma-separated, first one is compared to the others "
                    f"(known: {', '.join(SYSTEM_NAMES)})")
     p.add_argument("--model", default=DEFAULT_MODEL)
@@ -48,7 +48,8 @@ def _compare_parser(subparsers: argparse._SubParsersAction) -> argparse.Argument
     p.add_argument("--dtype", default="auto",
                    help="for every system; auto = what `shuffleinfer serve` uses (float32 on "
                    "CPU: bfloat16 is slower on CPUs without AVX512-BF16)")
-    p.add_argument("--max-model-len", type=int, default=2048)
+    p.add_argument("--max-model-len", type=int, default=1024,
+                   help="context of every system; trace lengths are scaled into it")
     p.add_argument("--chunk-size", type=int, default=512)
     p.add_argument("--kv-cache-gib", type=int, default=2, help="KV cache per core")
     p.add_argument("--num-prefill", type=int, default=1, help="ShuffleInfer prefill instances")
@@ -58,7 +59,9 @@ def _compare_parser(subparsers: argparse._SubParsersAction) -> argparse.Argument
     p.add_argument("--shuffleinfer-args", default="",
                    help="extra `shuffleinfer serve` flags, quoted as one string")
     add_workload_args(p)
-    p.set_defaults(max_requests=30)  # three systems in turn, within ~10 minutes here
+    # The defaults finish within about 10 minutes here: each system takes 2-3 minutes to
+    # start on CPU (vllm-rr, opt-in, about 3.5 more).
+    p.set_defaults(max_requests=20)
     return p
 
 
