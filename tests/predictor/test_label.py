@@ -17,7 +17,7 @@ from shuffleinfer.predictor.label import (
     LabelJob,
     label_prompts,
 )
-from shuffleinfer.predictor.labels import COLUMNS, read_labels
+from shuffleinfer.predictor.labels import COLUMNS, LabelRow, describe, read_labels
 
 
 class FakeEngine(LabelEngine):
@@ -119,3 +119,10 @@ def test_a_foreign_csv_is_refused(tmp_path: Path) -> None:
     out.write_text("id,length\na,3\n")
     with pytest.raises(ValueError, match="header"):
         label_prompts(prompts(1), out, FakeEngine, max_prompt_tokens=100, progress=False)
+
+
+def test_the_summary_line_gives_the_length_distribution() -> None:
+    rows = [LabelRow(f"x:{i}", f"p{i}", "qa", 5, n, "length" if n == 20 else "stop", n,
+                     "stop") for i, n in enumerate([5, 10, 20, 20])]
+    assert describe(rows, "greedy") == "greedy: 4 labels, median 15, p90 20, 50% cut at max_tokens"
+    assert describe([], "sampled") == "sampled: no labels"
