@@ -15,7 +15,6 @@ from shuffleinfer.config import ServeConfig
 from shuffleinfer.engine.instance import EngineInfo, InstanceSpec
 from shuffleinfer.runtime.actors import InstanceActor, SchedulerActor
 from shuffleinfer.runtime.backend import ClusterHandles
-from shuffleinfer.scheduler.learner import Learner
 
 logger = logging.getLogger(__name__)
 
@@ -98,8 +97,9 @@ async def launch(config: ServeConfig, model_path: str) -> tuple[ClusterHandles, 
     scheduler = SchedulerActor.options(num_cpus=0).remote(
         [s.instance_id for s in specs if s.role == "prefill"],
         [s.instance_id for s in specs if s.role == "decode"],
-        config.prefill_policy, config.decode_policy,
-        learner=Learner.create(config.predictor, config.predictor_state))
+        config.prefill_policy, config.decode_policy)
+    await scheduler.start_learner.remote(  # type: ignore[attr-defined]
+        config.predictor, config.predictor_state)
     handles = ClusterHandles(
         scheduler=scheduler,
         prefill={s.instance_id: actors[s.instance_id] for s in specs if s.role == "prefill"},

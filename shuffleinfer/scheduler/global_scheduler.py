@@ -16,6 +16,7 @@ import logging
 import random
 from collections import Counter
 from dataclasses import dataclass
+from pathlib import Path
 
 from shuffleinfer.scheduler.learner import Learner, LearnerStats
 from shuffleinfer.scheduler.policies.placement import (
@@ -149,6 +150,12 @@ class GlobalScheduler:
                 or entry.predictor_input is None):
             return
         self.learner.finish(entry.predictor_input, entry.prediction, num_output_tokens)
+
+    def start_learner(self, predictor: str, state_path: Path | None = None) -> None:
+        """Called once at launch: build the learner here, where it learns (its arrays must
+        be this process's own: arrays that came through Ray's object store are
+        read-only)."""
+        self.learner = Learner.create(predictor, state_path)
 
     def predictor_snapshot(self, version: int) -> object | None:
         """The learner's model state if newer than `version` (for prediction sites)."""

@@ -73,3 +73,16 @@ def test_sites_get_a_snapshot_only_when_the_learner_is_newer(tmp_path: Path) -> 
     sched.save_predictor()
     restored = Learner.create("ngram", tmp_path / "state.npz")
     assert restored.version == 20
+
+
+def test_learner_started_in_place_learns_from_read_only_shipped_state(tmp_path: Path) -> None:
+    # What Ray's object store hands over is read-only; the learner must be built where it
+    # learns, from a file or a fresh start.
+    config = NgramPredictorConfig(min_observations=0, hash_bits=10)
+    source = NgramPredictor(config)
+    source.observe(_input(), 300)
+    source.save(tmp_path / "state.npz")
+    sched = GlobalScheduler(["p0"], ["d0"])
+    sched.start_learner("ngram", tmp_path / "state.npz")
+    _run(sched, "r0", None, 200)
+    assert sched.learner is not None and sched.learner.version == 2
