@@ -21,6 +21,7 @@ from shuffleinfer.predictor.features import Features
 
 _EPS = 1e-2
 """Initial AdaGrad accumulator: keeps the first steps of a feature at about lr / 0.1."""
+_ARRAYS = ("class_weights", "length_weights", "class_sq", "length_sq")
 
 
 class LengthModel:
@@ -37,6 +38,15 @@ class LengthModel:
         self.length_weights = np.zeros(size, dtype=np.float32)
         self.class_sq = np.full((size, num_buckets), _EPS, dtype=np.float32)
         self.length_sq = np.full(size, _EPS, dtype=np.float32)
+
+    def __setstate__(self, state: dict[str, object]) -> None:
+        """Unpickling: arrays that arrive read-only (Ray's object store hands out zero-copy
+        read-only buffers) are copied, so a shipped model can still learn."""
+        self.__dict__.update(state)
+        for name in _ARRAYS:
+            array = getattr(self, name)
+            if not array.flags.writeable:
+                setattr(self, name, array.copy())
 
     @property
     def num_buckets(self) -> int:
@@ -94,8 +104,7 @@ class LengthModel:
         raises ValueError if a shape differs from this model's."""
         for name, value in arrays.items():
             current = getattr(self, name, None)
-            if not isinstance(current, np.ndarray) or name not in (
-                    "class_weights", "length_weights", "class_sq", "length_sq"):
+            if not isinstance(current, np.ndarray) or name not in _ARRAYS:
                 raise ValueError(f"unknown model array {name!r}")
             if value.shape != current.shape:
                 raise ValueError(f"model array {name} has shape {value.shape}, "

@@ -4,6 +4,7 @@ predicts as the learner does, and ignores stale or foreign snapshots."""
 
 from __future__ import annotations
 
+import pickle
 from pathlib import Path
 
 import pytest
@@ -82,3 +83,19 @@ def test_a_snapshot_of_another_configuration_is_refused() -> None:
     other = NgramPredictor(NgramPredictorConfig(hash_bits=12, bucket_width_tokens=100))
     with pytest.raises(ValueError, match="bucket_width_tokens"):
         NgramPredictor(SMALL).apply(other.snapshot())
+
+
+def test_a_predictor_shipped_with_read_only_arrays_still_learns() -> None:
+    # Ray's object store hands numpy arrays over zero-copy and read-only (pickle
+    # protocol 5 out-of-band buffers); the shipped learner must still be able to learn.
+    original = _trained(100)
+    buffers: list[pickle.PickleBuffer] = []
+    data = pickle.dumps(original, protocol=5, buffer_callback=buffers.append)
+    shipped = pickle.loads(data, buffers=[b.raw().toreadonly() for b in buffers])
+    before = shipped.version
+    for r, x in learnable_stream(20, seed=9):
+        shipped.observe(r, x)
+        original.observe(r, x)
+    assert shipped.version == before + 20
+    probes = [r for r, _ in learnable_stream(20, seed=10)]
+    assert [shipped.predict(r) for r in probes] == [original.predict(r) for r in probes]
