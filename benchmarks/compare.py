@@ -14,6 +14,8 @@ import signal
 from pathlib import Path
 from typing import Any
 
+import httpx
+
 from benchmarks.client import run as run_client
 from benchmarks.metrics import format_table, summarize
 from benchmarks.prompts import PromptBuilder
@@ -66,6 +68,16 @@ def subject_ratios(summaries: dict[str, dict[str, Any]],
     return columns
 
 
+def save_metrics(endpoints: list[str], log_dir: Path, name: str) -> None:
+    """Keep each server's Prometheus text after the run (`<name>-<i>.metrics.txt`)."""
+    for i, url in enumerate(endpoints):
+        try:
+            text = httpx.get(f"{url}/metrics", timeout=10).text
+        except httpx.HTTPError as e:
+            text = f"# /metrics unavailable: {e}\n"
+        (log_dir / f"{name}-{i}.metrics.txt").write_text(text)
+
+
 def run_system(name: str, workload: Workload, builder: PromptBuilder, settings: EngineSettings,
                args: argparse.Namespace) -> tuple[list[RequestRecord], dict[str, Any]]:
     """Start one system, replay the workload against it, stop it; records and summary."""
@@ -87,6 +99,7 @@ def run_system(name: str, workload: Workload, builder: PromptBuilder, settings: 
         records, duration_s = measure(workload, endpoints=system.endpoints,
                                       model=settings.model, builder=builder,
                                       timeout_s=args.timeout_s)
+        save_metrics(system.endpoints, args.out / "logs", name)
     finally:
         stop_system(system)
     summary = summarize(records, duration_s=duration_s, num_instances=system.num_instances,
