@@ -25,6 +25,7 @@ from shuffleinfer.api.errors import APIError, from_pydantic, install_error_handl
 from shuffleinfer.api.generation import Generation, cancel_on_disconnect
 from shuffleinfer.api.metrics import ApiMetrics
 from shuffleinfer.api.openai_models import ChatCompletionRequest, CompletionRequest
+from shuffleinfer.api.prediction_metrics import PredictionMetrics
 from shuffleinfer.api.preprocess import check_common, prepare_chat, prepare_completion
 from shuffleinfer.api.serialization import ChatFormatter, CompletionFormatter, Formatter
 from shuffleinfer.api.streaming import EventStream, SSEResponse
@@ -68,6 +69,7 @@ class Server:
         """Names a request's `model` may use: the served name, or the backend's own."""
         self.api_key = api_key
         self.metrics = ApiMetrics()
+        self.prediction_metrics = PredictionMetrics(self.metrics.registry)
         self.created = int(time.time())
 
     async def check_api_key(self, request: Request) -> None:
@@ -177,7 +179,7 @@ class Server:
         """GET /metrics: this app's registry, with KV and prediction counters refreshed
         from the backend."""
         await self.metrics.refresh_kv(self.backend)
-        await self.metrics.prediction.refresh(self.backend)
+        await self.prediction_metrics.refresh(self.backend)
         return Response(self.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
 

@@ -14,7 +14,6 @@ from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 
-from shuffleinfer.api.prediction_metrics import PredictionMetrics
 from shuffleinfer.protocol import Backend, KVTransferStats, TokenDelta
 
 logger = logging.getLogger(__name__)
@@ -27,6 +26,14 @@ E2E_BUCKETS_S = (0.1, 0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 
                  50.0, 60.0, 120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0)
 KV_TRANSFER_BUCKETS_S = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
                          1.0, 2.5, 5.0, 10.0)
+
+
+def mirror(counter: Counter, now_total: float, seen_total: float) -> None:
+    """Advance `counter` by what a backend's cumulative total gained since last seen."""
+    # A smaller total means an instance restarted: its old counts are gone, and counting
+    # from the new total on is the best we can do.
+    if now_total > seen_total:
+        counter.inc(now_total - seen_total)
 
 
 class ApiMetrics:
@@ -69,7 +76,6 @@ class ApiMetrics:
                                        "backend.kv_stats() failed (KV metrics left stale)",
                                        registry=r)
         self._kv_seen = KVTransferStats()
-        self.prediction = PredictionMetrics(r)
 
     def count_request(self, endpoint: str, status: int | str) -> None:
         """Count one finished request; call exactly once per request."""
@@ -88,15 +94,9 @@ class ApiMetrics:
             self.kv_stats_errors.inc()
             return
         seen = self._kv_seen
-        for counter, now_total, seen_total in (
-            (self.kv_transfers, stats.num_transfers, seen.num_transfers),
-            (self.kv_transfer_failures, stats.num_failures, seen.num_failures),
-            (self.kv_transfer_bytes, stats.num_bytes, seen.num_bytes),
-        ):
-            # A smaller total means an instance restarted: its old counts are gone, and
-            # counting from the new total on is the best we can do.
-            if now_total > seen_total:
-                counter.inc(now_total - seen_total)
+        mirror(self.kv_transfers, stats.num_transfers, seen.num_transfers)
+        mirror(self.kv_transfer_failures, stats.num_failures, seen.num_failures)
+        mirror(self.kv_transfer_bytes, stats.num_bytes, seen.num_bytes)
         for seconds in stats.seconds:
             self.kv_transfer_seconds.observe(seconds)
         self._kv_seen = stats

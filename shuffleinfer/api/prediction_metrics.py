@@ -7,6 +7,7 @@ import logging
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from shuffleinfer.api.metrics import mirror
 from shuffleinfer.protocol import Backend, PredictionStats
 
 logger = logging.getLogger(__name__)
@@ -50,15 +51,11 @@ class PredictionMetrics:
             self.errors.inc()
             return
         seen = self._seen
-        for counter, now_total, seen_total in (
-            (self.outcomes.labels("on_time"), stats.num_on_time, seen.num_on_time),
-            (self.outcomes.labels("late"), stats.num_late, seen.num_late),
-            (self.outcomes.labels("failed"), stats.num_failed, seen.num_failed),
-            (self.scored, stats.num_scored, seen.num_scored),
-            (self.bucket_hits, stats.num_bucket_hits, seen.num_bucket_hits),
-        ):
-            if now_total > seen_total:  # smaller: a restart; count on from the new total
-                counter.inc(now_total - seen_total)
+        mirror(self.outcomes.labels("on_time"), stats.num_on_time, seen.num_on_time)
+        mirror(self.outcomes.labels("late"), stats.num_late, seen.num_late)
+        mirror(self.outcomes.labels("failed"), stats.num_failed, seen.num_failed)
+        mirror(self.scored, stats.num_scored, seen.num_scored)
+        mirror(self.bucket_hits, stats.num_bucket_hits, seen.num_bucket_hits)
         for error in stats.abs_errors:
             self.abs_error.observe(error)
         for seconds in stats.predict_seconds:
