@@ -124,7 +124,7 @@ def run_label(args: argparse.Namespace) -> int:
         records = select_prompts(read_prompts(args.data or default_prompts_file()),
                                  args.limit, args.seed)
         summary = label_prompts(records, args.out, make_engine,
-                                max_prompt_tokens=args.max_prompt_tokens, seed=args.seed)
+                                max_prompt_tokens=args.max_prompt_tokens)
     except ModelPrepareError as e:
         print(f"shuffleinfer predictor label: error: {e}", file=sys.stderr)
         return _RUN_FAILED

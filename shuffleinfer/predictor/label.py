@@ -7,8 +7,10 @@ The life of one `label_prompts` run:
 3. the others stream through the engine, which keeps `max_in_flight` prompts running
    (continuous batching: a finished prompt's place is taken at once, so long outputs do
    not leave the batch half empty); both samplings of a prompt (greedy, and temperature
-   0.7 with a per-prompt seed) are submitted together so the prefix cache computes the
-   prompt once;
+   0.7) are submitted together so the prefix cache computes the prompt once. The sampled
+   column draws from the engine's seeded generator, not from a per-request seed: vLLM
+   0.32's CPU runner crashes ("CPU Generator does not use offset") when a request with
+   its own seed has its prompt prefilled in more than one chunk;
 4. rows are appended in the order prompts finish, `flush_every` at a time, each append
    flushed to disk: a killed run loses at most the unflushed and running prompts.
 
@@ -27,7 +29,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from shuffleinfer.predictor.data import PromptRecord, stable_hash
+from shuffleinfer.predictor.data import PromptRecord
 from shuffleinfer.predictor.labels import LabelRow, append_labels, labelled_ids
 
 SAMPLED_TEMPERATURE = 0.7
@@ -51,8 +53,6 @@ class LabelJob:
 
     key: int
     token_ids: list[int]
-    seed: int
-    """Seed of the sampled generation."""
 
 
 class LabelEngine(ABC):
@@ -99,7 +99,7 @@ def _row(record: PromptRecord, num_prompt_tokens: int, greedy: Completion | None
 
 def label_prompts(records: Sequence[PromptRecord], out: Path,
                   make_engine: Callable[[], LabelEngine], *, max_prompt_tokens: int,
-                  flush_every: int = 16, seed: int = 0, progress: bool = True) -> LabelSummary:
+                  flush_every: int = 16, progress: bool = True) -> LabelSummary:
     """Label the records not yet in `out`, appending rows as they finish (see module).
 
     `make_engine` is called once, and only if some record is left to label.
@@ -119,8 +119,8 @@ def label_prompts(records: Sequence[PromptRecord], out: Path,
     skipped = [_row(r, len(ids), None, None)
                for r, ids in zip(todo, token_ids, strict=True) if len(ids) > max_prompt_tokens]
     append_labels(out, skipped)
-    jobs = [LabelJob(key, ids, stable_hash(todo[key].id, seed) % (1 << 31))
-            for key, ids in enumerate(token_ids) if len(ids) <= max_prompt_tokens]
+    jobs = [LabelJob(key, ids) for key, ids in enumerate(token_ids)
+            if len(ids) <= max_prompt_tokens]
     pending: list[LabelRow] = []
     with tqdm(total=len(todo), initial=len(skipped), desc="labelling", unit="prompt",
               disable=not progress) as bar:
@@ -181,13 +181,12 @@ class VllmLabelEngine(LabelEngine):
 
         engine = self.llm.llm_engine
         greedy = SamplingParams(temperature=0.0, max_tokens=self.max_tokens)
+        sampled = SamplingParams(temperature=SAMPLED_TEMPERATURE, max_tokens=self.max_tokens)
         waiting = iter(jobs)
         finished: dict[int, dict[str, Completion]] = {}
         in_flight = 0
         while True:
             while in_flight < self.max_in_flight and (job := next(waiting, None)) is not None:
-                sampled = SamplingParams(temperature=SAMPLED_TEMPERATURE,
-                                         max_tokens=self.max_tokens, seed=job.seed)
                 for kind, params in (("greedy", greedy), ("sampled", sampled)):
                     engine.add_request(f"{job.key}:{kind}",
                                        TokensPrompt(prompt_token_ids=job.token_ids), params)

@@ -63,7 +63,6 @@ def test_rows_hold_both_samplings_and_skipped_prompts_say_why(tmp_path: Path) ->
     assert rows["x:4"].greedy_finish_reason == SKIPPED_TOO_LONG
     assert (summary.num_labelled, summary.num_skipped) == (4, 1)
     assert [job.key for job in engine.jobs] == [0, 1, 2, 3]  # the long one never ran
-    assert len({job.seed for job in engine.jobs}) == 4  # each prompt its own sampling seed
 
 
 def test_a_crashed_run_resumes_where_it_stopped(tmp_path: Path) -> None:
@@ -78,16 +77,6 @@ def test_a_crashed_run_resumes_where_it_stopped(tmp_path: Path) -> None:
     assert len(engine.jobs) == 3
     assert (summary.num_already_labelled, summary.num_labelled) == (4, 3)
     assert sorted(r.id for r in read_labels(out)) == [f"x:{i}" for i in range(7)]
-
-
-def test_the_same_seed_gives_the_same_sampling_seeds(tmp_path: Path) -> None:
-    seeds = []
-    for run, seed in enumerate((0, 0, 1)):
-        engine = FakeEngine()
-        label_prompts(prompts(3), tmp_path / f"{run}.csv", lambda e=engine: e,
-                      max_prompt_tokens=100, seed=seed, progress=False)
-        seeds.append([job.seed for job in engine.jobs])
-    assert seeds[0] == seeds[1] != seeds[2]
 
 
 def test_nothing_left_to_label_starts_no_engine(tmp_path: Path) -> None:
