@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -20,13 +20,28 @@ from shuffleinfer.config import ServeConfig, load_config
 from shuffleinfer.model.cli import add_model_parser
 from shuffleinfer.predictor.cli import add_predictor_parser
 
-_SERVE_FLAGS: dict[str, type] = {
+
+def _json_object(text: str) -> dict[str, Any]:
+    """A flag value that is a JSON object, e.g. '{"prefill_pool": 1}'."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"expected a JSON object, got {text!r}: {e}") from e
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object, got {text!r}")
+    return value
+
+
+_SERVE_FLAGS: dict[str, Callable[[str], Any]] = {
     "model": str, "served_model_name": str, "host": str, "port": int,
     "num_prefill": int, "num_decode": int, "chunk_size": int, "dtype": str,
     "max_model_len": int, "kv_cache_gib": int, "cpus_per_instance": int,
     "kv_host": str, "kv_lease_s": float, "address": str, "api_key": str,
     "prefill_policy": str, "decode_policy": str, "cache_dir": Path, "predictor": str,
-    "predictor_state": Path, "predictor_push_s": float,
+    "predictor_state": Path, "predictor_push_s": float, "kv_transport": str,
+    "prefill_resources": _json_object, "decode_resources": _json_object,
+    "prefill_node_labels": _json_object, "decode_node_labels": _json_object,
+    "gpus_per_instance": int, "max_restarts": int,
 }
 
 

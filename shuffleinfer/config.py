@@ -46,11 +46,30 @@ class ServeConfig(BaseModel):
         "KV cache per instance on CPU, GiB (VLLM_CPU_KVCACHE_SPACE)."))
     cpus_per_instance: int = Field(1, ge=1, description=(
         "Cores bound to each instance's engine on CPU (and its Ray CPU request)."))
-    kv_host: str = Field("127.0.0.1", description="Interface the KV servers bind to.")
+    kv_host: str | None = Field(None, description=(
+        "Interface the KV servers bind to. Default: 127.0.0.1 on a local Ray, each node's "
+        "own address when joining a cluster (--address)."))
+    kv_transport: Literal["auto", "tcp", "shm", "nccl"] = Field("auto", description=(
+        "KV hand-over wire. auto picks per prefill/decode pair: same host -> shm (nccl "
+        "between GPUs), across hosts -> nccl between GPUs, else tcp."))
     kv_lease_s: float = Field(30.0, gt=0, description=(
         "Seconds a prefilled KV cache waits for its decode before it is freed."))
     address: str | None = Field(None, description=(
         "Ray cluster to join (auto or HOST:PORT); None starts a local one."))
+    prefill_resources: dict[str, float] = Field(default_factory=dict, description=(
+        "Custom Ray resources each prefill instance requests, e.g. {\"prefill_pool\": 1}: "
+        "prefill instances land only on nodes that offer them."))
+    decode_resources: dict[str, float] = Field(default_factory=dict, description=(
+        "Custom Ray resources each decode instance requests."))
+    prefill_node_labels: dict[str, str] = Field(default_factory=dict, description=(
+        "Ray node labels a prefill instance's node must carry (a label selector)."))
+    decode_node_labels: dict[str, str] = Field(default_factory=dict, description=(
+        "Ray node labels a decode instance's node must carry."))
+    gpus_per_instance: int = Field(1, ge=1, le=64, description=(
+        "GPUs per instance on GPU nodes = its tensor-parallel size; they are reserved "
+        "in one placement group on one node."))
+    max_restarts: int = Field(0, ge=-1, description=(
+        "Times Ray restarts a dead instance actor (-1: without limit)."))
     api_key: str | None = Field(None, description="If set, /v1 needs this Bearer token.")
     prefill_policy: str = Field("least_load", description="Prefill placement policy.")
     decode_policy: str = Field("least_load", description="Decode placement policy.")
@@ -91,11 +110,23 @@ class ServeConfig(BaseModel):
             raise ValueError(f"unknown policy {name!r}; known: {', '.join(PLACEMENT_POLICIES)}")
         return name
 
+    @field_validator("prefill_resources", "decode_resources")
+    @classmethod
+    def _custom_only(cls, resources: dict[str, float]) -> dict[str, float]:
+        builtin = {"CPU", "GPU", "memory", "object_store_memory"} & set(resources)
+        if builtin:
+            raise ValueError(f"{', '.join(sorted(builtin))} is not a custom resource; use "
+                             "--cpus-per-instance / --gpus-per-instance")
+        negative = [k for k, v in resources.items() if v <= 0]
+        if negative:
+            raise ValueError(f"resource amounts must be > 0: {', '.join(negative)}")
+        return resources
+
     @field_validator("engine_args")
     @classmethod
     def _not_owned(cls, args: dict[str, Any]) -> dict[str, Any]:
         owned = {"model", "kv_transfer_config", "max_num_batched_tokens", "dtype",
-                 "max_model_len"} & set(args)
+                 "max_model_len", "tensor_parallel_size"} & set(args)
         if owned:
             raise ValueError(f"set {', '.join(sorted(owned))} with its own option, "
                              "not through engine_args")

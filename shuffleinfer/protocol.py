@@ -103,6 +103,8 @@ class InstanceLoad:
     num_queued_prompt_tokens: int = 0
     kv_cache_usage: float = 0.0
     """Fraction of the engine's KV blocks in use, as of its last step (0 when idle)."""
+    node_id: str | None = None
+    """The Ray node the instance runs on (None outside Ray)."""
 
 
 @dataclass(frozen=True)

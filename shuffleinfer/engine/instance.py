@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import socket
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -48,10 +49,16 @@ class InstanceSpec:
     chunk_size: int
     dtype: str = "bfloat16"
     max_model_len: int | None = None
-    kv_host: str = "127.0.0.1"
+    kv_host: str | None = "127.0.0.1"
+    """Where the KV server binds; None: this node's own address (multi-node clusters)."""
     kv_advertise_host: str | None = None
     kv_port: int = 0
+    """KV server port; 0: a free port on the instance's node, picked when it starts."""
     kv_lease_s: float = 30.0
+    kv_transport: str = "auto"
+    """KV hand-over wire (auto, tcp, shm, nccl); see shuffleinfer/kv."""
+    kv_auth_token: str | None = None
+    """Shared secret every KV request must carry; None: no check."""
     engine_args: dict[str, Any] = field(default_factory=dict)
     predictor: str | None = None
     """Output-length predictor run beside each prefill (a registry name); None: none."""
@@ -82,6 +89,8 @@ def build_engine_args(spec: InstanceSpec) -> Any:
             "advertise_host": spec.kv_advertise_host or spec.kv_host,
             "port": spec.kv_port,
             "lease_s": spec.kv_lease_s,
+            "transport": spec.kv_transport,
+            "auth_token": spec.kv_auth_token,
         },
     )
     args: dict[str, Any] = {
@@ -99,11 +108,31 @@ def build_engine_args(spec: InstanceSpec) -> Any:
     return AsyncEngineArgs(**args)
 
 
+def resolve_kv_address(spec: InstanceSpec) -> InstanceSpec:
+    """Fill in what only the instance's own node knows: its address (when `kv_host` is
+    None) and a free port (when `kv_port` is 0). A wildcard bind is advertised under the
+    node's address, so peers on other nodes can dial it."""
+    from vllm.utils.network_utils import get_ip
+
+    host = spec.kv_host or get_ip()
+    advertise = spec.kv_advertise_host or (get_ip() if host in ("0.0.0.0", "::") else host)
+    port = spec.kv_port or free_port(host)
+    return dataclasses.replace(spec, kv_host=host, kv_advertise_host=advertise, kv_port=port)
+
+
+def free_port(host: str) -> int:
+    """A port the OS considers free on `host` now (the engine binds it moments later)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
 class EngineInstance:
     """An AsyncLLM plus the role-specific request paths; a Ray actor wraps it 1:1."""
 
-    def __init__(self, spec: InstanceSpec) -> None:
+    def __init__(self, spec: InstanceSpec, node_id: str | None = None) -> None:
         self.spec = spec
+        self.node_id = node_id
         self._engine: Any = None
         self._stats = EngineStatsCollector()
         self._num_inflight = 0
@@ -114,6 +143,7 @@ class EngineInstance:
         """Build the engine (loads the model; about 30 s on CPU). Called once."""
         from vllm.v1.engine.async_llm import AsyncLLM
 
+        self.spec = resolve_kv_address(self.spec)
         try:
             self._engine = AsyncLLM.from_engine_args(
                 build_engine_args(self.spec), stat_loggers=[self._stats.factory])
@@ -123,8 +153,12 @@ class EngineInstance:
         max_len = int(self._engine.model_config.max_model_len)
         logger.info("%s ready (%s, max_model_len %d)", self.spec.instance_id,
                     self.spec.role, max_len)
-        host = self.spec.kv_advertise_host or self.spec.kv_host
+        host = self.spec.kv_advertise_host or self.spec.kv_host or ""
         return EngineInfo(self.spec.instance_id, max_len, (host, self.spec.kv_port))
+
+    def __repr__(self) -> str:
+        # Ray shows this as the actor's name in `ray list actors` and the dashboard.
+        return f"EngineInstance({self.spec.instance_id}, {self.spec.role})"
 
     def _require_engine(self) -> Any:
         if self._engine is None:
@@ -219,6 +253,7 @@ class EngineInstance:
             num_running_reqs=self._num_inflight,
             num_queued_prompt_tokens=self._queued_prompt_tokens,
             kv_cache_usage=sched.kv_cache_usage if sched else 0.0,
+            node_id=self.node_id,
         )
 
     def kv_stats(self) -> KVTransferStats:

@@ -4,8 +4,17 @@ from __future__ import annotations
 
 import ray
 
-from shuffleinfer.engine.instance import EngineInstance
+from shuffleinfer.engine.instance import EngineInstance, InstanceSpec
 from shuffleinfer.scheduler.global_scheduler import GlobalScheduler
 
-InstanceActor = ray.remote(EngineInstance)
+
+class RayEngineInstance(EngineInstance):
+    """An engine instance that knows the Ray node it landed on (reported in its load)."""
+
+    def __init__(self, spec: InstanceSpec) -> None:
+        super().__init__(spec, node_id=ray.get_runtime_context().get_node_id())
+
+
+InstanceActor = ray.remote(RayEngineInstance)
+
 SchedulerActor = ray.remote(GlobalScheduler)

@@ -6,46 +6,24 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import socket
+import secrets
 from typing import Any
 
 import ray
 
 from shuffleinfer.config import ServeConfig
-from shuffleinfer.engine.instance import EngineInfo, InstanceSpec
+from shuffleinfer.engine.instance import EngineInfo, InstanceSpec, Role
 from shuffleinfer.runtime.actors import InstanceActor, SchedulerActor
 from shuffleinfer.runtime.backend import ClusterHandles
+from shuffleinfer.runtime.placement import gpu_engine_args, instance_placement, ray_options
 
 logger = logging.getLogger(__name__)
 
 
-def free_port(host: str) -> int:
-    """A port the OS considers free on `host` now (the engine binds it moments later)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
-
-
 def has_gpu() -> bool:
-    try:
-        import torch
-
-        return bool(torch.cuda.is_available())
-    except ImportError:
-        return False
-
-
-def cpu_env(index: int, config: ServeConfig) -> dict[str, str]:
-    """Environment for instance `index` on a CPU node: its own cores and KV cache size."""
-    ncpu = os.cpu_count() or 1
-    per = min(config.cpus_per_instance, ncpu)
-    first = (index * per) % ncpu
-    cores = sorted({(first + k) % ncpu for k in range(per)})
-    return {
-        "VLLM_CPU_OMP_THREADS_BIND": ",".join(str(c) for c in cores),
-        "VLLM_CPU_KVCACHE_SPACE": str(config.kv_cache_gib),
-        "OMP_NUM_THREADS": str(per),
-    }
+    """Whether the instances run on GPUs: the cluster offers any (the driver's own node,
+    often a CPU-only head, does not decide)."""
+    return float(ray.cluster_resources().get("GPU", 0)) > 0
 
 
 def init_ray(config: ServeConfig) -> None:
@@ -66,32 +44,44 @@ def engine_dtype(config: ServeConfig, gpu: bool) -> str:
     return "auto" if gpu else "float32"
 
 
-def instance_specs(config: ServeConfig, model_path: str, gpu: bool) -> list[InstanceSpec]:
-    """One spec per instance; prefill instances first."""
-    roles = [("prefill", n) for n in range(config.num_prefill)] + \
+def kv_bind_host(config: ServeConfig) -> str | None:
+    """Where KV servers bind: as configured; else loopback on a local Ray, and each
+    node's own address (None, resolved by the instance) on a joined cluster."""
+    if config.kv_host:
+        return config.kv_host
+    return None if config.address else "127.0.0.1"
+
+
+def instance_specs(config: ServeConfig, model_path: str, gpu: bool,
+                   kv_auth_token: str | None = None) -> list[InstanceSpec]:
+    """One spec per instance; prefill instances first. Ports are picked by each instance
+    on its own node when it starts."""
+    roles: list[tuple[Role, int]] = [("prefill", n) for n in range(config.num_prefill)] + \
         [("decode", n) for n in range(config.num_decode)]
     specs = []
-    for role, n in roles:
+    for index, (role, n) in enumerate(roles):
+        placement = instance_placement(config, role, index, gpu)
         specs.append(InstanceSpec(
-            instance_id=f"{role}-{n}", role=role, model=model_path,  # type: ignore[arg-type]
+            instance_id=f"{role}-{n}", role=role, model=model_path,
             chunk_size=config.chunk_size, dtype=engine_dtype(config, gpu),
-            max_model_len=config.max_model_len, kv_host=config.kv_host,
-            kv_port=free_port(config.kv_host), kv_lease_s=config.kv_lease_s,
-            engine_args=dict(config.engine_args), predictor=config.predictor))
+            max_model_len=config.max_model_len, kv_host=kv_bind_host(config),
+            kv_lease_s=config.kv_lease_s, kv_transport=config.kv_transport,
+            kv_auth_token=kv_auth_token,
+            engine_args={**gpu_engine_args(placement), **config.engine_args},
+            predictor=config.predictor))
     return specs
 
 
 async def launch(config: ServeConfig, model_path: str) -> tuple[ClusterHandles, list[EngineInfo]]:
-    """Create the actors and start every engine concurrently; raises if any fails."""
+    """Create the actors (each on a node its pool allows) and start every engine
+    concurrently; raises if any fails."""
     gpu = has_gpu()
     actors: dict[str, Any] = {}
-    specs = instance_specs(config, model_path, gpu)
+    # One secret per deployment: KV servers serve only pulls that carry it.
+    specs = instance_specs(config, model_path, gpu, kv_auth_token=secrets.token_hex(16))
     for index, spec in enumerate(specs):
-        options: dict[str, Any] = {"num_cpus": config.cpus_per_instance}
-        if gpu:
-            options["num_gpus"] = 1
-        else:
-            options["runtime_env"] = {"env_vars": cpu_env(index, config)}
+        placement = instance_placement(config, spec.role, index, gpu)
+        options = await asyncio.to_thread(ray_options, placement, spec.instance_id)
         actors[spec.instance_id] = InstanceActor.options(**options).remote(spec)
     infos: list[EngineInfo] = await asyncio.gather(*(a.start.remote() for a in actors.values()))
     scheduler = SchedulerActor.options(num_cpus=0).remote(
