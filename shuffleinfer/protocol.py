@@ -105,6 +105,8 @@ class InstanceLoad:
     """Fraction of the engine's KV blocks in use, as of its last step (0 when idle)."""
     node_id: str | None = None
     """The Ray node the instance runs on (None outside Ray)."""
+    pid: int | None = None
+    """The instance's process (it changes when Ray restarts a dead instance)."""
 
 
 @dataclass(frozen=True)

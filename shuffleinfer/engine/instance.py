@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import socket
 import uuid
 from collections.abc import AsyncIterator
@@ -134,15 +135,19 @@ class EngineInstance:
         self.spec = spec
         self.node_id = node_id
         self._engine: Any = None
+        self._info: EngineInfo | None = None
         self._stats = EngineStatsCollector()
         self._num_inflight = 0
         self._queued_prompt_tokens = 0
         self._site = PredictionSite(make_predictor(spec.predictor) if spec.predictor else None)
 
     async def start(self) -> EngineInfo:
-        """Build the engine (loads the model; about 30 s on CPU). Called once."""
+        """Build the engine (loads the model; about 30 s on CPU). Called at launch, and
+        again after Ray restarted a dead instance; a started engine is left as it is."""
         from vllm.v1.engine.async_llm import AsyncLLM
 
+        if self._info is not None:
+            return self._info
         self.spec = resolve_kv_address(self.spec)
         try:
             self._engine = AsyncLLM.from_engine_args(
@@ -154,7 +159,8 @@ class EngineInstance:
         logger.info("%s ready (%s, max_model_len %d)", self.spec.instance_id,
                     self.spec.role, max_len)
         host = self.spec.kv_advertise_host or self.spec.kv_host or ""
-        return EngineInfo(self.spec.instance_id, max_len, (host, self.spec.kv_port))
+        self._info = EngineInfo(self.spec.instance_id, max_len, (host, self.spec.kv_port))
+        return self._info
 
     def __repr__(self) -> str:
         # Ray shows this as the actor's name in `ray list actors` and the dashboard.
@@ -254,6 +260,7 @@ class EngineInstance:
             num_queued_prompt_tokens=self._queued_prompt_tokens,
             kv_cache_usage=sched.kv_cache_usage if sched else 0.0,
             node_id=self.node_id,
+            pid=os.getpid(),
         )
 
     def kv_stats(self) -> KVTransferStats:
@@ -264,6 +271,7 @@ class EngineInstance:
         if self._engine is not None:
             self._engine.shutdown()
             self._engine = None
+            self._info = None
 
 
 def _merge(deltas: list[TokenDelta], **instance: str) -> TokenDelta:

@@ -48,6 +48,7 @@ def _predictor_input(request: GenerateRequest) -> PredictorInput | None:
         return None
 
 _HEALTH_TIMEOUT_S = 5.0
+_WATCH_INTERVAL_S = 2.0
 
 
 @dataclass
@@ -77,6 +78,10 @@ class RayBackend:
         self.max_model_len = max_model_len
         self.tokenizer = tokenizer
         self._background: set[asyncio.Task[None]] = set()
+        self._watcher: asyncio.Future[None] | None = None
+        self._restarting: set[str] = set()
+        self.num_engine_restarts = 0
+        """Engines started again after Ray restarted their dead instance."""
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.ensure_future(coro)
@@ -92,7 +97,7 @@ class RayBackend:
         num_output_tokens = 0
         reason: str | None = None
         boundary = StopBoundary(request.sampling.stop)
-        self._start_pushing()
+        self._start_background()
         try:
             prefill_id = await sched.schedule_prefill.remote(
                 req_id, len(request.prompt_token_ids), _predictor_input(request))
@@ -145,9 +150,35 @@ class RayBackend:
         except (RayActorError, ray.exceptions.RayTaskError) as e:
             logger.warning("abort of %s incomplete: %s", req_id, e)
 
-    def _start_pushing(self) -> None:
+    def _start_background(self) -> None:
         if self._pusher is None and self.predictor_push_s is not None:
             self._pusher = asyncio.ensure_future(self._push_predictor_forever())
+        if self._watcher is None:
+            self._watcher = asyncio.ensure_future(self._watch_instances_forever())
+
+    async def _watch_instances_forever(self) -> None:
+        """Every few seconds, start the engine of any instance that is alive but not
+        ready: Ray restarted it after it died (`max_restarts`), and a restarted actor
+        comes back with no engine. It rejoins once its engine is up."""
+        while True:
+            await asyncio.sleep(_WATCH_INTERVAL_S)
+            report = await self.health()
+            for load in report.instances:
+                if load.ready or load.pid is None or load.instance_id in self._restarting:
+                    continue  # ready, unreachable (dead or busy starting), or in hand
+                self._restarting.add(load.instance_id)
+                self._spawn(self._restart_engine(load.instance_id))
+
+    async def _restart_engine(self, instance_id: str) -> None:
+        logger.warning("%s was restarted by Ray; starting its engine again", instance_id)
+        try:
+            await self.handles.instances[instance_id].start.remote()
+            self.num_engine_restarts += 1
+            logger.warning("%s rejoined", instance_id)
+        except (RayActorError, ray.exceptions.RayTaskError) as e:
+            logger.error("%s could not start its engine again: %s", instance_id, e)
+        finally:
+            self._restarting.discard(instance_id)
 
     async def _push_predictor_forever(self) -> None:
         """Every `predictor_push_s`, send the learner's newer model to every instance (any
@@ -188,6 +219,8 @@ class RayBackend:
             version=learner.version)
 
     async def health(self) -> HealthReport:
+        self._start_background()
+
         async def load(instance_id: str, actor: Any) -> InstanceLoad:
             try:
                 return await asyncio.wait_for(actor.load.remote(), _HEALTH_TIMEOUT_S)
