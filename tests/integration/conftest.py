@@ -6,29 +6,18 @@ from __future__ import annotations
 
 import gzip
 import json
-import os
-import signal
-import socket
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 
+from tests.serve_process import running_serve
+
 REPO = Path(__file__).resolve().parents[2]
 PROMPTS_FILE = REPO.parent / "shared" / "data" / "prompts" / "mixed_tasks.jsonl.gz"
 CHUNK_SIZE = 256
 MAX_MODEL_LEN = 2048
-STARTUP_TIMEOUT_S = 600
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.fixture(scope="session")
@@ -49,38 +38,10 @@ def tokenizer(model_path: str):  # noqa: ANN201 - a Hugging Face tokenizer
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """Base URL of a running `shuffleinfer serve` (1 prefill + 1 decode, chunk 256, decodes
     placed by the shuffle policy with the learned length predictor)."""
-    port = _free_port()
-    log_path = tmp_path_factory.mktemp("serve") / "serve.log"
-    cmd = [sys.executable, "-m", "shuffleinfer", "serve", "--port", str(port),
-           "--chunk-size", str(CHUNK_SIZE), "--max-model-len", str(MAX_MODEL_LEN),
-           "--kv-cache-gib", "1", "--decode-policy", "shuffle", "--predictor-push-s", "1"]
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
-                                start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + STARTUP_TIMEOUT_S
-    try:
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"shuffleinfer serve exited with {proc.returncode}:\n"
-                            f"{log_path.read_text()[-4000:]}")
-            try:
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"server not ready in {STARTUP_TIMEOUT_S} s:\n"
-                            f"{log_path.read_text()[-4000:]}")
-            time.sleep(2)
+    args = ["--chunk-size", str(CHUNK_SIZE), "--max-model-len", str(MAX_MODEL_LEN),
+            "--kv-cache-gib", "1", "--decode-policy", "shuffle", "--predictor-push-s", "1"]
+    with running_serve(args, tmp_path_factory.mktemp("serve") / "serve.log") as url:
         yield url
-    finally:
-        os.killpg(proc.pid, signal.SIGINT)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
 
 
 def real_chat_prompts(tokenizer, buckets: list[tuple[int, int]]) -> list[list[int]]:  # noqa: ANN001

@@ -19,12 +19,11 @@ from pathlib import Path
 import httpx
 import pytest
 
-from shuffleinfer.engine.instance import free_port
+from tests.serve_process import STARTUP_TIMEOUT_S, free_port, running_serve, stop_group
 
 pytestmark = pytest.mark.engine
 
 RAY = str(Path(sys.executable).with_name("ray"))
-STARTUP_TIMEOUT_S = 600
 # `ray start --head` turns on token auth; every process joining it must use the token.
 ENV = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_USAGE_STATS_ENABLED": "0"}
 
@@ -34,14 +33,6 @@ def _ray_node(args: list[str]) -> subprocess.Popen[bytes]:
     return subprocess.Popen([RAY, "start", "--block", *args], env=ENV,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
-
-
-def _stop(proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM) -> None:
-    try:
-        os.killpg(proc.pid, sig)
-        proc.wait(timeout=60)
-    except (ProcessLookupError, subprocess.TimeoutExpired):
-        os.killpg(proc.pid, signal.SIGKILL)
 
 
 def _nodes(address: str) -> list[dict]:
@@ -69,7 +60,7 @@ def _wait_for_nodes(address: str, count: int, timeout_s: float = 180) -> None:
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[str]:
     """Address of a three-node Ray cluster (head without CPUs, prefill node, decode node)."""
-    port = free_port("127.0.0.1")
+    port = free_port()
     address = f"127.0.0.1:{port}"
     nodes = [_ray_node(["--head", f"--port={port}", "--num-cpus=0",
                         "--include-dashboard=false", "--disable-usage-stats"])]
@@ -85,38 +76,18 @@ def cluster() -> Iterator[str]:
         yield address
     finally:
         for proc in reversed(nodes):
-            _stop(proc)
+            stop_group(proc)
 
 
 @pytest.fixture(scope="module")
 def server(cluster: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    port = free_port("127.0.0.1")
+    args = ["--address", cluster, "--chunk-size", "256", "--max-model-len", "1024",
+            "--kv-cache-gib", "1", "--kv-transport", "tcp", "--max-restarts", "1",
+            "--prefill-resources", '{"prefill_pool": 1}',
+            "--decode-node-labels", '{"shuffleinfer.io/pool": "decode"}']
     log_path = tmp_path_factory.mktemp("multinode") / "serve.log"
-    cmd = [sys.executable, "-m", "shuffleinfer", "serve", "--address", cluster,
-           "--port", str(port), "--chunk-size", "256", "--max-model-len", "1024",
-           "--kv-cache-gib", "1", "--kv-transport", "tcp",
-           "--prefill-resources", '{"prefill_pool": 1}',
-           "--decode-node-labels", '{"shuffleinfer.io/pool": "decode"}']
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=ENV,
-                                start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + STARTUP_TIMEOUT_S
-    try:
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"serve exited with {proc.returncode}:\n{log_path.read_text()[-4000:]}")
-            try:
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"server not ready:\n{log_path.read_text()[-4000:]}")
-            time.sleep(2)
+    with running_serve(args, log_path, env=ENV) as url:
         yield url
-    finally:
-        _stop(proc, signal.SIGINT)
 
 
 def _metric(text: str, name: str) -> float:
@@ -133,14 +104,18 @@ def test_instances_land_on_the_nodes_their_pools_name(cluster: str, server: str)
     assert instances["decode-0"]["node_id"] == decode_node
 
 
-def test_kv_crosses_between_nodes_and_requests_complete(server: str) -> None:
-    before = httpx.get(f"{server}/metrics").text
+def _complete(server: str) -> dict:
     prompt = " ".join(["The river carried the boat past the old mill and the town."] * 40)
     reply = httpx.post(f"{server}/v1/completions", timeout=300, json={
         "model": "SmolLM2-135M-Instruct", "prompt": prompt, "max_tokens": 12,
         "temperature": 0, "ignore_eos": True})
     assert reply.status_code == 200, reply.text
-    body = reply.json()
+    return reply.json()
+
+
+def test_kv_crosses_between_nodes_and_requests_complete(server: str) -> None:
+    before = httpx.get(f"{server}/metrics").text
+    body = _complete(server)
     assert body["usage"]["completion_tokens"] == 12
     assert body["usage"]["prompt_tokens"] > 256  # more than one prefill chunk
     after = httpx.get(f"{server}/metrics").text
@@ -148,3 +123,23 @@ def test_kv_crosses_between_nodes_and_requests_complete(server: str) -> None:
         _metric(before, "shuffleinfer_kv_transfers_total") + 1
     assert _metric(after, "shuffleinfer_kv_transfer_failures_total") == \
         _metric(before, "shuffleinfer_kv_transfer_failures_total")
+
+
+def test_a_killed_instance_is_restarted_by_ray_and_rejoins(server: str) -> None:
+    def decode_instance() -> dict:
+        instances = httpx.get(f"{server}/health", timeout=30).json()["instances"]
+        return next(i for i in instances if i["instance_id"] == "decode-0")
+
+    old = decode_instance()
+    os.kill(old["pid"], signal.SIGKILL)
+    deadline = time.monotonic() + STARTUP_TIMEOUT_S
+    while True:
+        now = decode_instance()
+        if now["ready"] and now["pid"] != old["pid"]:
+            break
+        if time.monotonic() > deadline:
+            pytest.fail(f"decode-0 did not come back: {now}")
+        time.sleep(2)
+    assert now["node_id"] == old["node_id"]  # back on its pool's node
+    assert httpx.get(f"{server}/health").status_code == 200
+    assert _complete(server)["usage"]["completion_tokens"] == 12
