@@ -1,10 +1,12 @@
-"""Byte views of whole KV blocks, layer by layer, for a byte-stream transport (tcp).
+"""Byte views of whole KV blocks, layer by layer: host views for byte transports (tcp,
+shm), device rows for nccl.
 
 On CPU the views point straight into the engine's own KV tensors: a pull is received
 into the destination blocks and sent from the source blocks with no copy of ours. KV
 tensors on an accelerator are staged through host memory: the sender gathers the asked
 blocks into one host buffer; the receiver fills a host buffer and then copies it into its
 blocks (`PendingWrite.commit`). Both sides run the same code; only CPU skips the staging.
+NCCL moves device memory itself, so `read_rows`/`write_rows` never stage.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from shuffleinfer.kv import tcp
+from shuffleinfer.kv.transport import KVTransferError
 
 
 @dataclass
@@ -57,6 +59,11 @@ class KVCacheViews:
         self.block_bytes = int(self._layers[0].shape[1])
 
     @property
+    def device(self) -> torch.device:
+        """Where the KV cache lives."""
+        return self._layers[0].device
+
+    @property
     def layout(self) -> dict[str, object]:
         return {"num_layers": len(self._layers), "block_bytes": self.block_bytes,
                 "block_shape": self.block_shape, "dtype": self.dtype}
@@ -65,7 +72,7 @@ class KVCacheViews:
         """Raise naming the first field where a peer's layout differs from ours."""
         for key, value in self.layout.items():
             if layout.get(key) != value:
-                raise tcp.KVTransferError(
+                raise KVTransferError(
                     f"KV layout mismatch: {key} is {value} here, {layout.get(key)} at the peer"
                 )
 
@@ -93,3 +100,12 @@ class KVCacheViews:
         views = [flat[layer, i].data for layer in range(len(self._layers))
                  for i in range(len(block_ids))]
         return PendingWrite(views, staging, self._layers, self._index(block_ids))
+
+    def read_rows(self, block_ids: tuple[int, ...]) -> list[torch.Tensor]:
+        """Each block of each layer as a 1-D uint8 tensor on the cache's device, in
+        `read_views` order: what NCCL sends from."""
+        return [layer[b] for layer in self._layers for b in block_ids]
+
+    def write_rows(self, block_ids: tuple[int, ...]) -> list[torch.Tensor]:
+        """The destination rows of `block_ids` (same order as `read_rows`)."""
+        return self.read_rows(block_ids)

@@ -6,8 +6,10 @@ vLLM builds one instance per role: the scheduler role in the EngineCore process 
 worker role in each Worker process. This class only routes vLLM's calls to the half that
 owns them (`scheduler_side.ConnectorScheduler`, `worker_side.ConnectorWorker`).
 
-`kv_connector_extra_config` keys: host (KV server bind address), advertise_host (address
-peers dial; defaults to host), port, lease_s, pull_timeout_s.
+`kv_connector_extra_config` keys (`options.ConnectorOptions`): host (KV server bind
+address), advertise_host (address peers dial; defaults to host), port, lease_s,
+pull_timeout_s, transport ("auto" | "tcp" | "shm" | "nccl", see `selection.py`) and
+auth_token (a shared secret every KV request must carry).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 )
 
 from shuffleinfer.kv.metadata import ShuffleConnectorMetadata
+from shuffleinfer.kv.options import ConnectorOptions
 from shuffleinfer.kv.scheduler_side import ConnectorScheduler
 from shuffleinfer.kv.stats import ShuffleKVStats
 from shuffleinfer.kv.worker_side import ConnectorWorker
@@ -36,29 +39,25 @@ if TYPE_CHECKING:
     from vllm.v1.kv_cache_interface import KVCacheConfig
     from vllm.v1.request import Request
 
-DEFAULT_LEASE_S = 30.0
-DEFAULT_PULL_TIMEOUT_S = 10.0
-
-
 class ShuffleKVConnector(KVConnectorBase_V1):
     """Pull-based KV hand-over between a prefill and a decode engine."""
 
     def __init__(self, vllm_config: VllmConfig, role: KVConnectorRole,
                  kv_cache_config: KVCacheConfig) -> None:
         super().__init__(vllm_config, role, kv_cache_config)
-        extra = self._kv_transfer_config.kv_connector_extra_config
-        host = str(extra.get("host", "127.0.0.1"))
-        port = int(extra["port"])
+        opts = ConnectorOptions.from_extra(self._kv_transfer_config.kv_connector_extra_config)
         self._scheduler: ConnectorScheduler | None = None
         self._worker: ConnectorWorker | None = None
         if role == KVConnectorRole.SCHEDULER:
             self._scheduler = ConnectorScheduler(
-                str(extra.get("advertise_host") or host), port,
-                vllm_config.cache_config.block_size)
+                opts.advertise_host or opts.host, opts.port,
+                vllm_config.cache_config.block_size,
+                kv_device=str(vllm_config.device_config.device_type),
+                auth_token=opts.auth_token)
         else:
             self._worker = ConnectorWorker(
-                host, port, float(extra.get("lease_s", DEFAULT_LEASE_S)),
-                float(extra.get("pull_timeout_s", DEFAULT_PULL_TIMEOUT_S)))
+                opts.host, opts.port, opts.lease_s, opts.pull_timeout_s,
+                transport=opts.transport, auth_token=opts.auth_token)
 
     # --- worker side --------------------------------------------------------------------
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:

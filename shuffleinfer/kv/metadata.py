@@ -7,7 +7,11 @@ its decisions into a `ShuffleConnectorMetadata`, vLLM pickles it to the worker h
 `kv_transfer_params` keys (a plain dict, since it travels through vLLM and the api):
 - prefill request in:  {"do_remote_decode": True, "transfer_id": T}
 - prefill request out: {"do_remote_prefill": True, "transfer_id": T, "remote_host": H,
-  "remote_port": P, "remote_block_ids": [...], "remote_num_tokens": N}
+  "remote_port": P, "remote_host_id": I, "remote_kv_device": D,
+  "remote_block_ids": [...], "remote_num_tokens": N}
+  where I is the prefill's `selection.host_identity()` (equal on the decode side iff both
+  can share /dev/shm) and D its KV cache's device type ("cpu", "cuda"): the decode side
+  picks the transport from them.
 - decode request in:   the prefill's output params, unchanged.
 """
 
@@ -22,6 +26,8 @@ DO_REMOTE_PREFILL = "do_remote_prefill"
 TRANSFER_ID = "transfer_id"
 REMOTE_HOST = "remote_host"
 REMOTE_PORT = "remote_port"
+REMOTE_HOST_ID = "remote_host_id"
+REMOTE_KV_DEVICE = "remote_kv_device"
 REMOTE_BLOCK_IDS = "remote_block_ids"
 REMOTE_NUM_TOKENS = "remote_num_tokens"
 LOAD_STARTED = "_shuffle_load_started"
@@ -47,6 +53,9 @@ class PlannedLoad:
     remote_port: int
     remote_block_ids: tuple[int, ...]
     local_block_ids: tuple[int, ...]
+    remote_host_id: str | None = None
+    """The prefill's host identity; None (params from an older prefill): another host."""
+    remote_kv_device: str = "cpu"
 
 
 @dataclass

@@ -20,7 +20,9 @@ from typing import TYPE_CHECKING, Any
 from vllm.v1.request import RequestStatus
 
 from shuffleinfer.kv import metadata as m
-from shuffleinfer.kv import tcp
+from shuffleinfer.kv.channel import release
+from shuffleinfer.kv.selection import host_identity
+from shuffleinfer.kv.transport import KVTransferError
 
 if TYPE_CHECKING:
     from vllm.v1.core.kv_cache_manager import KVCacheBlocks
@@ -36,10 +38,17 @@ def _cdiv(a: int, b: int) -> int:
 class ConnectorScheduler:
     """The scheduler half; `ShuffleKVConnector` forwards the scheduler-side calls here."""
 
-    def __init__(self, advertise_host: str, port: int, block_size: int) -> None:
+    def __init__(self, advertise_host: str, port: int, block_size: int,
+                 kv_device: str = "cpu", auth_token: str | None = None,
+                 host_id: str | None = None) -> None:
+        """`kv_device`: device type of this engine's KV cache; `host_id`: this host's
+        identity (defaults to `host_identity()`); both are advertised to decode engines."""
         self._host = advertise_host
         self._port = port
         self._block_size = block_size
+        self._kv_device = kv_device
+        self._auth_token = auth_token
+        self._host_id = host_id if host_id is not None else host_identity()
         self._new_leases: list[m.Lease] = []
         self._new_loads: list[m.PlannedLoad] = []
 
@@ -76,7 +85,9 @@ class ConnectorScheduler:
         self._new_loads.append(m.PlannedLoad(
             transfer_id=str(params[m.TRANSFER_ID]), engine_req_id=request.request_id,
             remote_host=str(params[m.REMOTE_HOST]), remote_port=int(params[m.REMOTE_PORT]),
-            remote_block_ids=remote, local_block_ids=local))
+            remote_block_ids=remote, local_block_ids=local,
+            remote_host_id=_str_or_none(params.get(m.REMOTE_HOST_ID)),
+            remote_kv_device=str(params.get(m.REMOTE_KV_DEVICE) or "cpu")))
 
     def build_connector_meta(self) -> m.ShuffleConnectorMetadata:
         """Called once per engine step; hands this step's news to the worker half."""
@@ -107,22 +118,28 @@ class ConnectorScheduler:
             m.TRANSFER_ID: tid,
             m.REMOTE_HOST: self._host,
             m.REMOTE_PORT: self._port,
+            m.REMOTE_HOST_ID: self._host_id,
+            m.REMOTE_KV_DEVICE: self._kv_device,
             m.REMOTE_BLOCK_IDS: list(block_ids),
             m.REMOTE_NUM_TOKENS: min(request.num_computed_tokens, request.num_prompt_tokens),
         }
 
-    @staticmethod
-    def _release_async(params: dict[str, Any]) -> None:
-        threading.Thread(target=release_lease, args=(params,), name="shuffleinfer-kv-release",
-                         daemon=True).start()
+    def _release_async(self, params: dict[str, Any]) -> None:
+        threading.Thread(target=release_lease, args=(params, self._auth_token),
+                         name="shuffleinfer-kv-release", daemon=True).start()
 
 
-def release_lease(params: dict[str, Any]) -> None:
+def _str_or_none(value: object) -> str | None:
+    return None if value is None else str(value)
+
+
+def release_lease(params: dict[str, Any], auth_token: str | None = None) -> None:
     """Tell the prefill worker named in a prefill's output params that its lease will never
-    be pulled, so it frees the blocks now; a failure is logged (the lease then expires)."""
+    be pulled, so it frees the blocks now; a failure is logged (the lease then expires).
+    `auth_token`: the connector's shared secret, if one is configured (else refused)."""
     try:
-        tcp.release(str(params[m.REMOTE_HOST]), int(params[m.REMOTE_PORT]),
-                    str(params[m.TRANSFER_ID]))
-    except tcp.KVTransferError as e:
+        release(str(params[m.REMOTE_HOST]), int(params[m.REMOTE_PORT]),
+                str(params[m.TRANSFER_ID]), auth_token=auth_token)
+    except KVTransferError as e:
         logger.warning("could not release KV lease %s early (it will expire): %s",
                        params.get(m.TRANSFER_ID), e)

@@ -6,10 +6,11 @@ Life of a hand-over, seen from here:
   The lease waits in `_leases` until a decode worker pulls it, a client releases it, or it
   expires; then its engine request id is reported in `finished_sending` and vLLM frees the
   blocks.
-- decode engine: the scheduler half hands over a `PlannedLoad`. A background thread pulls
-  the remote blocks straight into the local blocks; when it ends, the request is reported
-  in `finished_recving` (and on failure its blocks in `get_block_ids_with_load_errors`,
-  so vLLM recomputes them).
+- decode engine: the scheduler half hands over a `PlannedLoad`. A background thread picks
+  the transport for the pair (`selection.choose_transport`) and pulls the remote blocks
+  into the local blocks; when it ends, the request is reported in `finished_recving` (and
+  on failure, including a forced transport that cannot work for the pair, its blocks in
+  `get_block_ids_with_load_errors`, so vLLM recomputes them).
 """
 
 from __future__ import annotations
@@ -22,10 +23,14 @@ from dataclasses import dataclass
 
 import torch
 
-from shuffleinfer.kv import tcp
 from shuffleinfer.kv.block_views import KVCacheViews
+from shuffleinfer.kv.channel import KVServer
 from shuffleinfer.kv.metadata import Lease, PlannedLoad, ShuffleConnectorMetadata
+from shuffleinfer.kv.selection import Endpoint, check_choice, choose_transport, host_identity
+from shuffleinfer.kv.shm import ShmTransport
 from shuffleinfer.kv.stats import ShuffleKVStats
+from shuffleinfer.kv.tcp import TcpTransport
+from shuffleinfer.kv.transport import KVSource, KVTransferError, Peer, PullRequest, Transport
 
 logger = logging.getLogger(__name__)
 
@@ -44,13 +49,23 @@ class _HeldLease:
     serving: bool = False
 
 
-class ConnectorWorker(tcp.KVSource):
-    """The worker half; `ShuffleKVConnector` forwards the worker-side calls here."""
+class ConnectorWorker(KVSource):
+    """The worker half; `ShuffleKVConnector` forwards the worker-side calls here.
+
+    `transport` is "auto" or a forced transport name (`selection.py`); `auth_token` the
+    secret every side-channel header must carry, if any; `host_id` this host's identity
+    (defaults to `selection.host_identity()`).
+    """
 
     def __init__(self, host: str, port: int, lease_s: float, pull_timeout_s: float,
                  lease_wait_s: float = _LEASE_WAIT_S,
-                 stage_through_host: bool | None = None) -> None:
+                 stage_through_host: bool | None = None, transport: str = "auto",
+                 auth_token: str | None = None, host_id: str | None = None) -> None:
         self._host = host
+        self._transport = check_choice(transport)
+        self._auth_token = auth_token
+        self._host_id = host_id if host_id is not None else host_identity()
+        self._transports: dict[str, Transport] = {}
         self._stage_through_host = stage_through_host
         self._port = port
         self._lease_s = lease_s
@@ -65,18 +80,27 @@ class ConnectorWorker(tcp.KVSource):
         self._stats = ShuffleKVStats()
         self._pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="shuffleinfer-kv-pull")
         self._kv: KVCacheViews | None = None
-        self._server: tcp.KVServer | None = None
+        self._server: KVServer | None = None
         self._last_meta: ShuffleConnectorMetadata | None = None
 
     # --- set-up -------------------------------------------------------------------------
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
         """Called once by vLLM after allocating the KV cache: start serving it."""
         self._kv = KVCacheViews(kv_caches, stage_through_host=self._stage_through_host)
-        self._server = tcp.KVServer(self._host, self._port, self,
-                                    io_timeout_s=self._pull_timeout_s)
+        self._transports = {"tcp": TcpTransport(self._auth_token),
+                            "shm": ShmTransport(self._auth_token)}
+        if self._kv.device.type == "cuda":
+            from shuffleinfer.kv.nccl import NcclTransport
+
+            self._transports["nccl"] = NcclTransport(self._kv.device, self._host,
+                                                     self._auth_token)
+        self._server = KVServer(self._host, self._port, self, self._transports,
+                                io_timeout_s=self._pull_timeout_s,
+                                auth_token=self._auth_token)
         self._server.start()
-        logger.info("KV server on %s:%d, %d layers, %d bytes per block", *self.address,
-                    len(self._kv.layer_names), self._kv.block_bytes)
+        logger.info("KV server on %s:%d, %d layers, %d bytes per block, transports %s "
+                    "(pulls by %s)", *self.address, len(self._kv.layer_names),
+                    self._kv.block_bytes, sorted(self._transports), self._transport)
 
     @property
     def address(self) -> tuple[str, int]:
@@ -85,10 +109,17 @@ class ConnectorWorker(tcp.KVSource):
             raise RuntimeError("the KV server starts in register_kv_caches")
         return self._server.address
 
+    @property
+    def host_id(self) -> str | None:
+        """This worker's host identity, as compared with a prefill's at pull time."""
+        return self._host_id
+
     def shutdown(self) -> None:
         if self._server is not None:
             self._server.close()
         self._pool.shutdown(wait=False, cancel_futures=True)
+        for transport in self._transports.values():
+            transport.close()
 
     # --- per step -----------------------------------------------------------------------
     def on_metadata(self, meta: ShuffleConnectorMetadata) -> None:
@@ -151,23 +182,35 @@ class ConnectorWorker(tcp.KVSource):
         return stats
 
     # --- prefill side: serving leases (server threads) ----------------------------------
-    def views_for_pull(self, request: tcp.PullRequest) -> list[memoryview]:
-        assert self._kv is not None, "KV server runs only after register_kv_caches"
-        self._kv.check_layout(request.layout)
+    def views_for_pull(self, request: PullRequest) -> list[memoryview]:
+        return self._require_kv().read_views(self._grant(request))
+
+    def rows_for_pull(self, request: PullRequest) -> list[torch.Tensor]:
+        return self._require_kv().read_rows(self._grant(request))
+
+    def _grant(self, request: PullRequest) -> tuple[int, ...]:
+        """Check the request against its lease (waiting a little for the lease to be
+        registered) and mark the lease as being served; returns the blocks to read."""
+        self._require_kv().check_layout(request.layout)
         deadline = time.monotonic() + self._lease_wait_s
         with self._lock:
             while (held := self._leases.get(request.transfer_id)) is None:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
-                    raise tcp.KVTransferError(f"no lease for transfer {request.transfer_id}")
+                    raise KVTransferError(f"no lease for transfer {request.transfer_id}")
                 self._lock.wait(remaining)
             if held.serving:
-                raise tcp.KVTransferError(f"transfer {request.transfer_id} is already pulled")
+                raise KVTransferError(f"transfer {request.transfer_id} is already pulled")
             unknown = set(request.block_ids) - set(held.lease.block_ids)
             if unknown:
-                raise tcp.KVTransferError(f"blocks {sorted(unknown)} are not in the lease")
+                raise KVTransferError(f"blocks {sorted(unknown)} are not in the lease")
             held.serving = True
-        return self._kv.read_views(request.block_ids)
+        return request.block_ids
+
+    def _require_kv(self) -> KVCacheViews:
+        if self._kv is None:
+            raise RuntimeError("the KV cache is registered in register_kv_caches")
+        return self._kv
 
     def on_pull_done(self, transfer_id: str, ok: bool) -> None:
         with self._lock:
@@ -177,6 +220,10 @@ class ConnectorWorker(tcp.KVSource):
         with self._lock:
             self._end_lease(transfer_id)
 
+    def on_unauthorized(self, client: str) -> None:
+        with self._lock:
+            self._stats.record_unauthorized()
+
     def _end_lease(self, transfer_id: str) -> None:
         held = self._leases.pop(transfer_id, None)
         if held is not None:
@@ -184,22 +231,28 @@ class ConnectorWorker(tcp.KVSource):
 
     # --- decode side: pulling (pool threads) --------------------------------------------
     def _pull(self, load: PlannedLoad) -> None:
-        assert self._kv is not None
+        kv = self._require_kv()
         started = time.perf_counter()
-        request = tcp.PullRequest(load.transfer_id, load.remote_block_ids, self._kv.layout)
+        name = None if self._transport == "auto" else self._transport
         try:
-            dest = self._kv.write_views(load.local_block_ids)
-            nbytes = tcp.pull(load.remote_host, load.remote_port, request, dest.views,
-                              self._pull_timeout_s)
-            dest.commit()
+            name = choose_transport(self._transport, Endpoint(self._host_id, kv.device.type),
+                                    Endpoint(load.remote_host_id, load.remote_kv_device))
+            transport = self._transports.get(name)
+            if transport is None:
+                raise KVTransferError(f"transport {name} is not available on this worker "
+                                      f"(KV cache on {kv.device})")
+            request = PullRequest(load.transfer_id, load.remote_block_ids, kv.layout)
+            nbytes = transport.pull(Peer(load.remote_host, load.remote_port), request, kv,
+                                    load.local_block_ids, self._pull_timeout_s)
         except Exception as e:  # noqa: BLE001 - any failure means: recompute these blocks
-            logger.warning("KV pull %s failed, its %d blocks will be recomputed: %s",
-                           load.transfer_id, len(load.local_block_ids), e)
+            logger.warning("KV pull %s by %s failed, its %d blocks will be recomputed: %s",
+                           load.transfer_id, name or "(no transport)",
+                           len(load.local_block_ids), e)
             with self._lock:
-                self._stats.record_failure()
+                self._stats.record_failure(name)
                 self._load_errors.update(load.local_block_ids)
                 self._done_recving.add(load.engine_req_id)
             return
         with self._lock:
-            self._stats.record_transfer(nbytes, time.perf_counter() - started)
+            self._stats.record_transfer(nbytes, time.perf_counter() - started, name)
             self._done_recving.add(load.engine_req_id)

@@ -14,13 +14,14 @@ import pytest
 from vllm.v1.request import RequestStatus
 
 from shuffleinfer.kv import metadata as m
-from shuffleinfer.kv import tcp
 from shuffleinfer.kv.scheduler_side import ConnectorScheduler
+from tests.kv.conftest import FakeSource, serve
 
 pytestmark = pytest.mark.timeout(30)
 
 BLOCK_SIZE = 128
 HOST, PORT = "10.0.0.5", 7001
+HOST_ID = "prefill-host/boot-1/42"
 
 
 def request(params: dict[str, Any] | None, num_prompt_tokens: int,
@@ -49,14 +50,14 @@ def prefilled(num_prompt_tokens: int = 300, block_ids: tuple[int, ...] = (4, 9, 
               host: str = HOST, port: int = PORT, transfer_id: str = "T1") -> dict[str, Any]:
     """The params a prefill engine hands back for a decode engine."""
     return {m.DO_REMOTE_PREFILL: True, m.TRANSFER_ID: transfer_id, m.REMOTE_HOST: host,
-            m.REMOTE_PORT: port, m.REMOTE_BLOCK_IDS: list(block_ids),
-            m.REMOTE_NUM_TOKENS: num_prompt_tokens}
+            m.REMOTE_PORT: port, m.REMOTE_HOST_ID: HOST_ID, m.REMOTE_KV_DEVICE: "cpu",
+            m.REMOTE_BLOCK_IDS: list(block_ids), m.REMOTE_NUM_TOKENS: num_prompt_tokens}
 
 
 # --- prefill engine -------------------------------------------------------------------
 
 def test_length_capped_prefill_keeps_its_blocks_and_advertises_them() -> None:
-    sched = ConnectorScheduler(HOST, PORT, BLOCK_SIZE)
+    sched = ConnectorScheduler(HOST, PORT, BLOCK_SIZE, host_id=HOST_ID)
     req = request({m.DO_REMOTE_DECODE: True, m.TRANSFER_ID: "T1"}, num_prompt_tokens=300,
                   num_computed_tokens=300, status=RequestStatus.FINISHED_LENGTH_CAPPED)
 
@@ -74,7 +75,7 @@ def test_length_capped_prefill_keeps_its_blocks_and_advertises_them() -> None:
                                     RequestStatus.FINISHED_STOPPED,
                                     RequestStatus.FINISHED_ERROR])
 def test_prefill_that_ended_otherwise_frees_its_blocks(status: RequestStatus) -> None:
-    sched = ConnectorScheduler(HOST, PORT, BLOCK_SIZE)
+    sched = ConnectorScheduler(HOST, PORT, BLOCK_SIZE, host_id=HOST_ID)
     req = request({m.DO_REMOTE_DECODE: True, m.TRANSFER_ID: "T1"}, 300, 300, status)
     assert sched.request_finished(req, [4, 9, 2]) == (False, None)
     assert sched.build_connector_meta().new_leases == []
@@ -82,7 +83,7 @@ def test_prefill_that_ended_otherwise_frees_its_blocks(status: RequestStatus) ->
 
 @pytest.mark.parametrize("params", [None, {}, {m.TRANSFER_ID: "T1"}])
 def test_ordinary_request_is_not_handed_over(params: dict[str, Any] | None) -> None:
-    sched = ConnectorScheduler(HOST, PORT, BLOCK_SIZE)
+    sched = ConnectorScheduler(HOST, PORT, BLOCK_SIZE, host_id=HOST_ID)
     req = request(params, 300, 300, RequestStatus.FINISHED_LENGTH_CAPPED)
     assert sched.request_finished(req, [4, 9, 2]) == (False, None)
     assert sched.build_connector_meta().new_leases == []
@@ -91,7 +92,7 @@ def test_ordinary_request_is_not_handed_over(params: dict[str, Any] | None) -> N
 # --- decode engine --------------------------------------------------------------------
 
 def test_decode_claims_the_remote_prompt_but_not_the_last_token() -> None:
-    sched = ConnectorScheduler(HOST, PORT, BLOCK_SIZE)
+    sched = ConnectorScheduler(HOST, PORT, BLOCK_SIZE, host_id=HOST_ID)
     # The decode prompt is the prefill's prompt plus its first token.
     assert sched.get_num_new_matched_tokens(request(prefilled(300), 301), 0) == (300, True)
     # Even if the remote side computed every prompt token, one is left to compute locally,
@@ -100,33 +101,34 @@ def test_decode_claims_the_remote_prompt_but_not_the_last_token() -> None:
 
 
 def test_decode_claims_only_what_the_local_prefix_cache_lacks() -> None:
-    sched = ConnectorScheduler(HOST, PORT, BLOCK_SIZE)
+    sched = ConnectorScheduler(HOST, PORT, BLOCK_SIZE, host_id=HOST_ID)
     req = request(prefilled(300), 301)
     assert sched.get_num_new_matched_tokens(req, 128) == (172, True)
     assert sched.get_num_new_matched_tokens(req, 384) == (0, False)
 
 
 def test_request_without_remote_prefill_claims_nothing() -> None:
-    sched = ConnectorScheduler(HOST, PORT, BLOCK_SIZE)
+    sched = ConnectorScheduler(HOST, PORT, BLOCK_SIZE, host_id=HOST_ID)
     assert sched.get_num_new_matched_tokens(request(None, 301), 0) == (0, False)
     assert sched.get_num_new_matched_tokens(
         request({m.DO_REMOTE_DECODE: True, m.TRANSFER_ID: "T"}, 301), 0) == (0, False)
 
 
 def test_planned_load_maps_remote_blocks_onto_the_new_local_blocks() -> None:
-    sched = ConnectorScheduler(HOST, PORT, BLOCK_SIZE)
+    sched = ConnectorScheduler(HOST, PORT, BLOCK_SIZE, host_id=HOST_ID)
     req = request(prefilled(300, (4, 9, 2)), 301, request_id="dec-1")
     num_tokens, is_async = sched.get_num_new_matched_tokens(req, 0)
     assert is_async  # vLLM parks the request in WAITING_FOR_REMOTE_KVS meanwhile
     sched.update_state_after_alloc(req, new_blocks([21, 22, 23]), num_tokens)
 
     loads = sched.build_connector_meta().new_loads
-    assert loads == [m.PlannedLoad("T1", "dec-1", HOST, PORT, (4, 9, 2), (21, 22, 23))]
+    assert loads == [m.PlannedLoad("T1", "dec-1", HOST, PORT, (4, 9, 2), (21, 22, 23),
+                                   remote_host_id=HOST_ID, remote_kv_device="cpu")]
     assert sched.build_connector_meta().new_loads == []
 
 
 def test_local_prefix_hit_skips_the_remote_blocks_it_already_has() -> None:
-    sched = ConnectorScheduler(HOST, PORT, BLOCK_SIZE)
+    sched = ConnectorScheduler(HOST, PORT, BLOCK_SIZE, host_id=HOST_ID)
     req = request(prefilled(300, (4, 9, 2)), 301, request_id="dec-2")
     num_tokens, _ = sched.get_num_new_matched_tokens(req, BLOCK_SIZE)
     # Local block 30 holds the hit (hashed); 31, 32 are fresh.
@@ -138,7 +140,7 @@ def test_local_prefix_hit_skips_the_remote_blocks_it_already_has() -> None:
 
 
 def test_block_aligned_prompt_loads_whole_blocks_only() -> None:
-    sched = ConnectorScheduler(HOST, PORT, BLOCK_SIZE)
+    sched = ConnectorScheduler(HOST, PORT, BLOCK_SIZE, host_id=HOST_ID)
     # 256 prompt tokens fill exactly two blocks; the first token goes into a third block
     # that the decode engine computes itself.
     req = request(prefilled(256, (4, 9)), 257, request_id="dec-3")
@@ -151,7 +153,7 @@ def test_block_aligned_prompt_loads_whole_blocks_only() -> None:
 
 
 def test_load_is_planned_once_per_request() -> None:
-    sched = ConnectorScheduler(HOST, PORT, BLOCK_SIZE)
+    sched = ConnectorScheduler(HOST, PORT, BLOCK_SIZE, host_id=HOST_ID)
     req = request(prefilled(300), 301, request_id="dec-4")
     num_tokens, _ = sched.get_num_new_matched_tokens(req, 0)
     sched.update_state_after_alloc(req, new_blocks([21, 22, 23]), num_tokens)
@@ -169,36 +171,33 @@ def test_load_is_planned_once_per_request() -> None:
 
 # --- releasing leases a decode engine will never pull ---------------------------------
 
-class _ReleaseRecorder(tcp.KVSource):
+class _ReleaseRecorder(FakeSource):
     def __init__(self) -> None:
-        self.released: list[str] = []
+        super().__init__({}, refuse="not expected in these tests")
         self.event = threading.Event()
 
-    def views_for_pull(self, request: tcp.PullRequest) -> list[memoryview]:
-        raise tcp.KVTransferError("not expected in these tests")
-
-    def on_pull_done(self, transfer_id: str, ok: bool) -> None:
-        raise AssertionError("not expected in these tests")
-
     def on_release(self, transfer_id: str) -> None:
-        self.released.append(transfer_id)
+        super().on_release(transfer_id)
         self.event.set()
 
 
 @contextmanager
-def prefill_kv_server() -> Iterator[tuple[_ReleaseRecorder, str, int]]:
+def prefill_kv_server(auth_token: str | None = None
+                      ) -> Iterator[tuple[_ReleaseRecorder, str, int]]:
     recorder = _ReleaseRecorder()
-    server = tcp.KVServer("127.0.0.1", 0, recorder)
-    server.start()
-    try:
-        yield recorder, *server.address
-    finally:
-        server.close()
+    with serve(recorder, auth_token=auth_token) as (host, port):
+        yield recorder, host, port
+
+
+def _join_release_threads() -> None:
+    for thread in threading.enumerate():
+        if thread.name == "shuffleinfer-kv-release":
+            thread.join(5)
 
 
 def test_local_prefix_covering_everything_releases_the_remote_lease() -> None:
     with prefill_kv_server() as (recorder, host, port):
-        sched = ConnectorScheduler(HOST, PORT, BLOCK_SIZE)
+        sched = ConnectorScheduler(HOST, PORT, BLOCK_SIZE, host_id=HOST_ID)
         req = request(prefilled(256, (4, 9), host, port, "T-local"), 257)
         assert sched.get_num_new_matched_tokens(req, 256) == (0, False)
         sched.update_state_after_alloc(req, new_blocks([50]), 0)
@@ -209,7 +208,7 @@ def test_local_prefix_covering_everything_releases_the_remote_lease() -> None:
 
 def test_decode_aborted_before_scheduling_releases_the_lease() -> None:
     with prefill_kv_server() as (recorder, host, port):
-        sched = ConnectorScheduler(HOST, PORT, BLOCK_SIZE)
+        sched = ConnectorScheduler(HOST, PORT, BLOCK_SIZE, host_id=HOST_ID)
         req = request(prefilled(300, (4, 9, 2), host, port, "T-abort"), 301,
                       status=RequestStatus.FINISHED_ABORTED)
         assert sched.request_finished(req, []) == (False, None)
@@ -220,12 +219,47 @@ def test_decode_aborted_before_scheduling_releases_the_lease() -> None:
 def test_release_to_an_unreachable_prefill_is_logged_not_raised(
         caplog: pytest.LogCaptureFixture) -> None:
     # The lease then simply expires on the prefill side; the decode engine goes on.
-    sched = ConnectorScheduler(HOST, PORT, BLOCK_SIZE)
+    sched = ConnectorScheduler(HOST, PORT, BLOCK_SIZE, host_id=HOST_ID)
     req = request(prefilled(300, (4, 9, 2), "127.0.0.1", 1, "T-gone"), 301,
                   status=RequestStatus.FINISHED_ABORTED)
     with caplog.at_level("WARNING", logger="shuffleinfer.kv.scheduler_side"):
         assert sched.request_finished(req, []) == (False, None)
-        for thread in threading.enumerate():
-            if thread.name == "shuffleinfer-kv-release":
-                thread.join(5)
+        _join_release_threads()
     assert "T-gone" in caplog.text and "expire" in caplog.text
+
+
+@pytest.mark.parametrize(("token", "released"), [("s3cret", True), (None, False)])
+def test_release_carries_the_auth_token(
+        token: str | None, released: bool, caplog: pytest.LogCaptureFixture) -> None:
+    with prefill_kv_server(auth_token="s3cret") as (recorder, host, port):
+        sched = ConnectorScheduler(HOST, PORT, BLOCK_SIZE, host_id=HOST_ID, auth_token=token)
+        req = request(prefilled(300, (4, 9, 2), host, port, "T-auth"), 301,
+                      status=RequestStatus.FINISHED_ABORTED)
+        with caplog.at_level("WARNING"):
+            sched.request_finished(req, [])
+            _join_release_threads()
+    assert recorder.released == (["T-auth"] if released else [])
+    assert len(recorder.unauthorized) == (0 if released else 1)
+    if not released:
+        assert "unauthorized" in caplog.text
+
+
+def test_prefill_advertises_its_host_and_kv_device() -> None:
+    sched = ConnectorScheduler(HOST, PORT, BLOCK_SIZE, kv_device="cuda", host_id="gpu-box/b/7")
+    req = request({m.DO_REMOTE_DECODE: True, m.TRANSFER_ID: "T1"}, 300, 300,
+                  RequestStatus.FINISHED_LENGTH_CAPPED)
+    _, params = sched.request_finished(req, [4])
+    assert params is not None
+    assert params[m.REMOTE_HOST_ID] == "gpu-box/b/7" and params[m.REMOTE_KV_DEVICE] == "cuda"
+
+
+def test_params_without_host_identity_plan_a_load_from_an_unknown_host() -> None:
+    # Params from a prefill that does not advertise where it lives: never "same host".
+    sched = ConnectorScheduler(HOST, PORT, BLOCK_SIZE, host_id=HOST_ID)
+    params = prefilled(300, (4, 9, 2))
+    del params[m.REMOTE_HOST_ID], params[m.REMOTE_KV_DEVICE]
+    req = request(params, 301, request_id="dec-old")
+    num_tokens, _ = sched.get_num_new_matched_tokens(req, 0)
+    sched.update_state_after_alloc(req, new_blocks([21, 22, 23]), num_tokens)
+    (load,) = sched.build_connector_meta().new_loads
+    assert load.remote_host_id is None and load.remote_kv_device == "cpu"

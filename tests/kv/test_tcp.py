@@ -11,44 +11,12 @@ from contextlib import contextmanager
 
 import pytest
 
-from shuffleinfer.kv import tcp
+from shuffleinfer.kv import channel, tcp
+from shuffleinfer.kv.transport import KVTransferError, PullRequest
+from tests.kv.conftest import FakeSource
+from tests.kv.conftest import serve as _serve
 
 pytestmark = pytest.mark.timeout(30)
-
-
-class FakeSource(tcp.KVSource):
-    """Serves numbered bytearrays as blocks; records what the server told it."""
-
-    def __init__(self, blocks: dict[int, bytearray], refuse: str | None = None) -> None:
-        self.blocks = blocks
-        self.refuse = refuse
-        self.requests: list[tcp.PullRequest] = []
-        self.done: list[tuple[str, bool]] = []
-        self.released: list[str] = []
-        self.done_event = threading.Event()
-
-    def views_for_pull(self, request: tcp.PullRequest) -> list[memoryview]:
-        self.requests.append(request)
-        if self.refuse is not None:
-            raise tcp.KVTransferError(self.refuse)
-        return [memoryview(self.blocks[b]) for b in request.block_ids]
-
-    def on_pull_done(self, transfer_id: str, ok: bool) -> None:
-        self.done.append((transfer_id, ok))
-        self.done_event.set()
-
-    def on_release(self, transfer_id: str) -> None:
-        self.released.append(transfer_id)
-
-
-@contextmanager
-def _serve(source: tcp.KVSource, io_timeout_s: float = 10.0) -> Iterator[tuple[str, int]]:
-    server = tcp.KVServer("127.0.0.1", 0, source, io_timeout_s=io_timeout_s)
-    server.start()
-    try:
-        yield server.address
-    finally:
-        server.close()
 
 
 def _random_blocks(rng: random.Random, sizes: list[int]) -> dict[int, bytearray]:
@@ -66,14 +34,14 @@ def test_pull_fills_many_odd_sized_views_exactly() -> None:
     received: list[int] = []
 
     with _serve(source) as (host, port):
-        nbytes = tcp.pull(host, port, tcp.PullRequest("t1", wanted, {"k": 1}),
+        nbytes = tcp.pull(host, port, PullRequest("t1", wanted, {"k": 1}),
                           [memoryview(dest[b]) for b in wanted], timeout_s=10,
                           on_bytes=received.append)
 
     expected_bytes = sum(sizes[b] for b in wanted)
     assert nbytes == expected_bytes == sum(received)
     assert all(dest[b] == source.blocks[b] for b in wanted)
-    assert source.requests == [tcp.PullRequest("t1", wanted, {"k": 1})]
+    assert source.requests == [PullRequest("t1", wanted, {"k": 1})]
     assert source.done_event.wait(5)
     assert source.done == [("t1", True)]
 
@@ -94,7 +62,7 @@ def test_views_into_one_buffer_do_not_spill_into_neighbours() -> None:
         offset += size + gap
 
     with _serve(source) as (host, port):
-        tcp.pull(host, port, tcp.PullRequest("t", block_ids, {}), views, timeout_s=10)
+        tcp.pull(host, port, PullRequest("t", block_ids, {}), views, timeout_s=10)
 
     for b, (size, start) in enumerate(zip(sizes, offsets, strict=True)):
         assert buffer[start:start + size] == source.blocks[b]
@@ -105,8 +73,8 @@ def test_refused_pull_raises_with_the_servers_reason() -> None:
     source = FakeSource({0: bytearray(b"x" * 10)}, refuse="KV layout mismatch: dtype")
     dest = bytearray(10)
     with _serve(source) as (host, port):
-        with pytest.raises(tcp.KVTransferError, match="KV layout mismatch: dtype"):
-            tcp.pull(host, port, tcp.PullRequest("t", (0,), {}), [memoryview(dest)],
+        with pytest.raises(KVTransferError, match="KV layout mismatch: dtype"):
+            tcp.pull(host, port, PullRequest("t", (0,), {}), [memoryview(dest)],
                      timeout_s=5)
     assert dest == bytearray(10)
     assert source.done == []  # nothing was leased out, so nothing to end
@@ -121,11 +89,11 @@ def _fake_server(behaviour: str) -> Iterator[tuple[str, int]]:
     def run() -> None:
         conn, _ = listener.accept()
         with conn:
-            tcp.recv_frame(conn)
+            channel.recv_frame(conn)
             if behaviour == "garbage_reply":
-                conn.sendall(tcp._LEN.pack(5) + b"nope!")
+                conn.sendall(channel._LEN.pack(5) + b"nope!")
                 return
-            tcp.send_frame(conn, {"ok": True, "error": None})
+            channel.send_frame(conn, {"ok": True, "error": None})
             if behaviour == "close_mid_transfer":
                 conn.sendall(b"y" * 1500)
             elif behaviour == "stall":
@@ -145,8 +113,8 @@ def _fake_server(behaviour: str) -> Iterator[tuple[str, int]]:
 def test_server_failing_mid_transfer_fails_the_pull_quickly(behaviour: str) -> None:
     dest = [memoryview(bytearray(1000)) for _ in range(4)]
     with _fake_server(behaviour) as (host, port):
-        with pytest.raises(tcp.KVTransferError, match="t-mid"):
-            tcp.pull(host, port, tcp.PullRequest("t-mid", (0, 1, 2, 3), {}), dest,
+        with pytest.raises(KVTransferError, match="t-mid"):
+            tcp.pull(host, port, PullRequest("t-mid", (0, 1, 2, 3), {}), dest,
                      timeout_s=0.5)
 
 
@@ -155,9 +123,9 @@ def test_client_that_stops_reading_does_not_hold_the_lease_forever() -> None:
     source = FakeSource({0: bytearray(64 << 20)})
     with _serve(source, io_timeout_s=0.5) as (host, port):
         with socket.create_connection((host, port), timeout=5) as stalled:
-            tcp.send_frame(stalled, {"op": "pull", "transfer_id": "t-stall",
+            channel.send_frame(stalled, {"op": "pull", "transfer_id": "t-stall",
                                      "block_ids": [0], "layout": {}})
-            assert tcp.recv_frame(stalled) == {"ok": True, "error": None}
+            assert channel.recv_frame(stalled) == {"ok": True, "error": None}
             assert source.done_event.wait(10), "server never gave up on a stalled reader"
     assert source.done == [("t-stall", False)]
 
@@ -165,7 +133,7 @@ def test_client_that_stops_reading_does_not_hold_the_lease_forever() -> None:
 def test_release_calls_on_release() -> None:
     source = FakeSource({})
     with _serve(source) as (host, port):
-        tcp.release(host, port, "lease-7", timeout_s=5)
+        channel.release(host, port, "lease-7", timeout_s=5)
     assert source.released == ["lease-7"]
     assert source.requests == []
 
@@ -174,8 +142,8 @@ def test_pull_from_a_closed_port_raises_transfer_error() -> None:
     listener = socket.create_server(("127.0.0.1", 0))
     host, port = listener.getsockname()[:2]
     listener.close()
-    with pytest.raises(tcp.KVTransferError, match="t-gone"):
-        tcp.pull(host, port, tcp.PullRequest("t-gone", (0,), {}),
+    with pytest.raises(KVTransferError, match="t-gone"):
+        tcp.pull(host, port, PullRequest("t-gone", (0,), {}),
                  [memoryview(bytearray(4))], timeout_s=1)
-    with pytest.raises(tcp.KVTransferError, match="t-gone"):
-        tcp.release(host, port, "t-gone", timeout_s=1)
+    with pytest.raises(KVTransferError, match="t-gone"):
+        channel.release(host, port, "t-gone", timeout_s=1)

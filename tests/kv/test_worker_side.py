@@ -6,112 +6,42 @@ from __future__ import annotations
 
 import socket
 import time
-from collections.abc import Callable, Iterator
 
 import pytest
 import torch
 
 from shuffleinfer.kv import tcp, worker_side
-from shuffleinfer.kv.metadata import Lease, PlannedLoad, ShuffleConnectorMetadata
+from shuffleinfer.kv.channel import recv_exact_into, recv_frame, release, send_frame
+from shuffleinfer.kv.metadata import Lease, PlannedLoad
+from shuffleinfer.kv.transport import KVTransferError, PullRequest
 from shuffleinfer.kv.worker_side import ConnectorWorker, KVCacheViews
+from tests.kv.conftest import (
+    NUM_BLOCKS,
+    NUM_LAYERS,
+    Steps,
+    WorkerFactory,
+    as_bytes,
+    kv_caches,
+    lease_and_load,
+    meta,
+)
 
 pytestmark = pytest.mark.timeout(60)
 
-NUM_BLOCKS = 8
-NUM_LAYERS = 11  # more than 10, so name order ("layers.10" < "layers.2") is not numeric
-
-
-def kv_caches(seed: int, num_layers: int = NUM_LAYERS, dtype: torch.dtype = torch.bfloat16,
-              kv_heads: int = 3, block_size: int = 128, head_size: int = 64
-              ) -> dict[str, torch.Tensor]:
-    """Like vLLM's CPU cache: every layer a [num_blocks, kv_heads, block_size, 2*head_size]
-    view of one buffer."""
-    gen = torch.Generator().manual_seed(seed)
-    buffer = torch.randn(num_layers, NUM_BLOCKS, kv_heads, block_size, 2 * head_size,
-                         generator=gen).to(dtype)
-    return {f"model.layers.{i}.self_attn.attn": buffer[i] for i in range(num_layers)}
-
-
-def as_bytes(t: torch.Tensor) -> bytes:
-    return t.contiguous().view(torch.uint8).numpy().tobytes()
-
-
-def meta(leases: list[Lease] | None = None, loads: list[PlannedLoad] | None = None
-         ) -> ShuffleConnectorMetadata:
-    return ShuffleConnectorMetadata(new_leases=leases or [], new_loads=loads or [])
-
-
-WorkerFactory = Callable[..., ConnectorWorker]
-
-
-@pytest.fixture
-def make_worker() -> Iterator[WorkerFactory]:
-    """Builds workers on free ports with registered caches; shuts them all down after."""
-    made: list[ConnectorWorker] = []
-
-    def make(caches: dict[str, torch.Tensor], lease_s: float = 30.0,
-             lease_wait_s: float = 5.0, stage_through_host: bool | None = None
-             ) -> ConnectorWorker:
-        worker = ConnectorWorker("127.0.0.1", 0, lease_s=lease_s, pull_timeout_s=5.0,
-                                 lease_wait_s=lease_wait_s,
-                                 stage_through_host=stage_through_host)
-        made.append(worker)
-        worker.register_kv_caches(caches)
-        return worker
-
-    yield make
-    for worker in made:
-        worker.shutdown()
-
-
-class Steps:
-    """Drives a worker's get_finished like engine steps and keeps what it reported.
-
-    vLLM passes each finished req id in exactly one step, so `finish` does too."""
-
-    def __init__(self, worker: ConnectorWorker) -> None:
-        self.worker = worker
-        self.sending: list[str] = []
-        self.recving: list[str] = []
-
-    def step(self, finished_req_ids: set[str] | None = None) -> None:
-        sending, recving = self.worker.get_finished(set(finished_req_ids or ()))
-        self.sending += sorted(sending)
-        self.recving += sorted(recving)
-
-    def until(self, done: Callable[[], bool], timeout_s: float = 5.0) -> None:
-        deadline = time.monotonic() + timeout_s
-        while not done():
-            assert time.monotonic() < deadline, "the worker never reported it"
-            time.sleep(0.005)
-            self.step()
-
-    def idle(self, seconds: float) -> None:
-        deadline = time.monotonic() + seconds
-        while time.monotonic() < deadline:
-            time.sleep(0.005)
-            self.step()
-
-
-def lease_and_load(prefill: ConnectorWorker, transfer_id: str, remote: tuple[int, ...],
-                   local: tuple[int, ...]) -> tuple[Lease, PlannedLoad]:
-    host, port = prefill.address
-    return (Lease(transfer_id, f"pre-{transfer_id}", remote),
-            PlannedLoad(transfer_id, f"dec-{transfer_id}", host, port, remote, local))
-
-
+@pytest.mark.parametrize("transport", ["tcp", "shm", "auto"])
 @pytest.mark.parametrize(("prefill_stages", "decode_stages"), [
     (False, False), (True, True), (True, False), (False, True)],
     ids=["direct", "staged-both", "staged-prefill", "staged-decode"])
 def test_decode_receives_the_leased_blocks_byte_for_byte(
-        make_worker: WorkerFactory, prefill_stages: bool, decode_stages: bool) -> None:
+        make_worker: WorkerFactory, prefill_stages: bool, decode_stages: bool,
+        transport: str) -> None:
     # Staging through host memory is the accelerator path; forced here on CPU tensors so
     # the same gather/commit code runs in these tests.
     src, dst = kv_caches(seed=0), kv_caches(seed=1)
     src_before = {n: as_bytes(t) for n, t in src.items()}
     dst_before = {n: t.clone() for n, t in dst.items()}
     prefill = make_worker(src, stage_through_host=prefill_stages)
-    decode = make_worker(dst, stage_through_host=decode_stages)
+    decode = make_worker(dst, stage_through_host=decode_stages, transport=transport)
     lease, load = lease_and_load(prefill, "t1", remote=(2, 5, 3), local=(7, 1, 4))
     p_steps, d_steps = Steps(prefill), Steps(decode)
 
@@ -136,6 +66,9 @@ def test_decode_receives_the_leased_blocks_byte_for_byte(
     block_bytes = 3 * 128 * 128 * 2
     assert stats.data["num_transfers"] == 1 and stats.data["num_failures"] == 0
     assert stats.data["num_bytes"] == 3 * NUM_LAYERS * block_bytes
+    used = "shm" if transport == "auto" else transport  # both workers on this host, CPU
+    assert stats.data[f"num_transfers_{used}"] == 1
+    assert stats.data[f"num_bytes_{used}"] == stats.data["num_bytes"]
     assert decode.get_stats() is None  # an interval's counters are reported once
 
     p_steps.idle(0.1)
@@ -244,7 +177,7 @@ def _pull_directly(prefill: ConnectorWorker, transfer_id: str, block_ids: tuple[
     num_views = len(block_ids) * int(layout["num_layers"])  # type: ignore[call-overload]
     views = [memoryview(bytearray(int(layout["block_bytes"])))  # type: ignore[call-overload]
              for _ in range(num_views)]
-    tcp.pull(host, port, tcp.PullRequest(transfer_id, block_ids, layout), views, timeout_s)
+    tcp.pull(host, port, PullRequest(transfer_id, block_ids, layout), views, timeout_s)
 
 
 @pytest.mark.parametrize(("peer_caches", "field"), [
@@ -261,7 +194,7 @@ def test_layout_mismatch_is_refused_naming_the_field(
     prefill.on_metadata(meta(leases=[lease]))
     peer_layout = KVCacheViews(kv_caches(2, **peer_caches)).layout  # type: ignore[arg-type]
 
-    with pytest.raises(tcp.KVTransferError, match=f"layout mismatch: {field} is"):
+    with pytest.raises(KVTransferError, match=f"layout mismatch: {field} is"):
         _pull_directly(prefill, "t-layout", (1,), peer_layout)
 
     # The refusal does not consume the lease: a matching decode still gets the blocks.
@@ -285,15 +218,15 @@ def test_second_pull_of_a_lease_is_refused(make_worker: WorkerFactory) -> None:
 
     # While one pull is being served, another is refused at once.
     with socket.create_connection(prefill.address, timeout=5) as first:
-        tcp.send_frame(first, {"op": "pull", "transfer_id": "t-once",
+        send_frame(first, {"op": "pull", "transfer_id": "t-once",
                                "block_ids": list(all_blocks), "layout": layout})
-        assert tcp.recv_frame(first)["ok"]
+        assert recv_frame(first)["ok"]
         # "already pulled", not "no lease" after lease_wait_s: refused without waiting.
-        with pytest.raises(tcp.KVTransferError, match="already pulled"):
+        with pytest.raises(KVTransferError, match="already pulled"):
             _pull_directly(prefill, "t-once", (1,), layout)
         name = sorted(src)[0]
         got = bytearray(KVCacheViews(src).block_bytes)
-        tcp.recv_exact_into(first, memoryview(got))
+        recv_exact_into(first, memoryview(got))
         assert bytes(got) == as_bytes(src[name][0])
 
     # Once served, the lease is gone: a later pull fails and the decode recomputes.
@@ -316,10 +249,10 @@ def test_released_lease_is_reported_and_no_longer_pullable(make_worker: WorkerFa
     p_steps = Steps(prefill)
     prefill.on_metadata(meta(leases=[lease]))
     p_steps.step({lease.engine_req_id})
-    tcp.release(*prefill.address, "t-rel")
+    release(*prefill.address, "t-rel")
     p_steps.step()
     assert p_steps.sending == [lease.engine_req_id]
-    with pytest.raises(tcp.KVTransferError, match="no lease"):
+    with pytest.raises(KVTransferError, match="no lease"):
         _pull_directly(prefill, "t-rel", (4,), KVCacheViews(src).layout)
 
 
@@ -328,7 +261,7 @@ def test_pull_of_blocks_outside_the_lease_is_refused(make_worker: WorkerFactory)
     prefill = make_worker(src)
     lease, _ = lease_and_load(prefill, "t-scope", remote=(1, 2), local=(3, 4))
     prefill.on_metadata(meta(leases=[lease]))
-    with pytest.raises(tcp.KVTransferError, match=r"blocks \[6\] are not in the lease"):
+    with pytest.raises(KVTransferError, match=r"blocks \[6\] are not in the lease"):
         _pull_directly(prefill, "t-scope", (1, 6), KVCacheViews(src).layout)
 
 

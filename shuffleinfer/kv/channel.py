@@ -1,0 +1,210 @@
+"""The KV side channel: one TCP connection per request to a prefill worker's KV server.
+
+  client -> server: a framed JSON header {"op": "pull"|"release"|"connect",
+                    "transport": "tcp"|"shm"|"nccl", "transfer_id", "auth_token", ...}
+  server -> client: a framed JSON reply {"ok": bool, "error": str | None, ...}
+What follows a pull's header depends on its transport (`transport.py`). With an
+`auth_token` configured, the server refuses any header that does not carry the same one
+before it looks at anything else, so a refused request never touches a lease.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import socket
+import socketserver
+import struct
+import threading
+from collections.abc import Mapping
+from typing import Any
+
+from shuffleinfer.kv.transport import KVSource, KVTransferError, Peer, PullRequest, Transport
+
+logger = logging.getLogger(__name__)
+
+_LEN = struct.Struct("!I")
+_MAX_HEADER_BYTES = 1 << 20
+AUTH_KEY = "auth_token"
+
+
+def send_frame(sock: socket.socket, obj: dict[str, Any]) -> None:
+    """Send one length-prefixed JSON object."""
+    data = json.dumps(obj).encode()
+    sock.sendall(_LEN.pack(len(data)) + data)
+
+
+def recv_exact_into(sock: socket.socket, view: memoryview) -> None:
+    """Fill `view` from the socket or raise if the peer closes first."""
+    got = 0
+    total = len(view)
+    while got < total:
+        n = sock.recv_into(view[got:], total - got)
+        if n == 0:
+            raise KVTransferError(f"peer closed after {got} of {total} bytes")
+        got += n
+
+
+def recv_frame(sock: socket.socket) -> dict[str, Any]:
+    """Receive one length-prefixed JSON object."""
+    head = bytearray(_LEN.size)
+    recv_exact_into(sock, memoryview(head))
+    (length,) = _LEN.unpack(head)
+    if length > _MAX_HEADER_BYTES:
+        raise KVTransferError(f"header of {length} bytes is too large")
+    body = bytearray(length)
+    recv_exact_into(sock, memoryview(body))
+    obj = json.loads(body)
+    if not isinstance(obj, dict):
+        raise KVTransferError("header is not a JSON object")
+    return obj
+
+
+def is_authorized(header: dict[str, Any], auth_token: str | None) -> bool:
+    """Whether a header carries the server's shared secret (always, without one)."""
+    if auth_token is None:
+        return True
+    given = header.get(AUTH_KEY)
+    if not isinstance(given, str):
+        return False
+    return hmac.compare_digest(given.encode(), auth_token.encode())
+
+
+def parse_pull(header: dict[str, Any]) -> PullRequest:
+    """A pull header's request; raises KVTransferError on a malformed one."""
+    try:
+        return PullRequest(str(header["transfer_id"]),
+                           tuple(int(b) for b in header["block_ids"]),
+                           dict(header.get("layout", {})))
+    except (KeyError, TypeError, ValueError) as e:
+        raise KVTransferError(f"malformed pull header: {e!r}") from e
+
+
+class _Handler(socketserver.BaseRequestHandler):
+    def handle(self) -> None:
+        server: _Server = self.server  # type: ignore[assignment]
+        sock: socket.socket = self.request
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        # Without a timeout a peer that stops reading would pin a served lease forever
+        # (serving leases never expire): the send times out and the lease ends instead.
+        sock.settimeout(server.io_timeout_s)
+        client = f"{self.client_address[0]}:{self.client_address[1]}"
+        try:
+            header = recv_frame(sock)
+        except (OSError, KVTransferError, ValueError) as e:
+            logger.warning("bad KV request from %s: %s", client, e)
+            return
+        try:
+            self._dispatch(server, sock, header, client)
+        except OSError as e:
+            logger.warning("KV %s of %s with %s failed: %s", header.get("op"),
+                           header.get("transfer_id"), client, e)
+
+    @staticmethod
+    def _dispatch(server: _Server, sock: socket.socket, header: dict[str, Any],
+                  client: str) -> None:
+        if not is_authorized(header, server.auth_token):
+            logger.warning("refused a KV %s from %s: missing or wrong auth token",
+                           header.get("op"), client)
+            server.source.on_unauthorized(client)
+            send_frame(sock, {"ok": False, "error": "unauthorized: wrong or missing auth_token"})
+            return
+        op = header.get("op")
+        if op == "release":
+            server.source.on_release(str(header.get("transfer_id", "")))
+            send_frame(sock, {"ok": True, "error": None})
+            return
+        name = header.get("transport", "tcp")
+        transport = server.transports.get(name) if isinstance(name, str) else None
+        if transport is None:
+            send_frame(sock, {"ok": False, "error": f"transport {name!r} is not served here "
+                                                    f"(serving {sorted(server.transports)})"})
+            return
+        if op == "connect":
+            transport.serve_connect(sock, header)
+            return
+        if op != "pull":
+            send_frame(sock, {"ok": False, "error": f"unknown op {op!r}"})
+            return
+        try:
+            request = parse_pull(header)
+        except KVTransferError as e:
+            send_frame(sock, {"ok": False, "error": str(e)})
+            return
+        transport.serve_pull(sock, header, request, server.source)
+
+
+class _Server(socketserver.ThreadingTCPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+    source: KVSource
+    transports: Mapping[str, Transport]
+    io_timeout_s: float
+    auth_token: str | None
+
+
+class KVServer:
+    """Serves pulls of leased blocks on a background thread, one thread per connection.
+
+    `io_timeout_s` bounds each socket operation of a connection, so a peer that stalls
+    mid-transfer cannot hold a lease forever.
+    """
+
+    def __init__(self, host: str, port: int, source: KVSource,
+                 transports: Mapping[str, Transport], io_timeout_s: float = 30.0,
+                 auth_token: str | None = None) -> None:
+        self._server = _Server((host, port), _Handler)
+        self._server.source = source
+        self._server.transports = dict(transports)
+        self._server.io_timeout_s = io_timeout_s
+        self._server.auth_token = auth_token
+        # A short poll interval only so that close() (engine shutdown) returns promptly.
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, kwargs={"poll_interval": 0.05},
+            name="shuffleinfer-kv-server", daemon=True,
+        )
+
+    @property
+    def address(self) -> tuple[str, int]:
+        host, port = self._server.server_address[:2]
+        return str(host), int(port)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+
+def connect(peer: Peer, timeout_s: float) -> socket.socket:
+    """A connected side-channel socket whose every operation times out after timeout_s."""
+    sock = socket.create_connection((peer.host, peer.port), timeout=timeout_s)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return sock
+
+
+def exchange(sock: socket.socket, header: dict[str, Any], auth_token: str | None
+             ) -> dict[str, Any]:
+    """Send a header (with the auth token, if any) and return the server's ok reply.
+
+    Raises KVTransferError with the server's reason if it refused."""
+    if auth_token is not None:
+        header = header | {AUTH_KEY: auth_token}
+    send_frame(sock, header)
+    reply = recv_frame(sock)
+    if not reply.get("ok"):
+        raise KVTransferError(f"KV server refused {header.get('op')} of "
+                              f"{header.get('transfer_id')}: {reply.get('error')}")
+    return reply
+
+
+def release(host: str, port: int, transfer_id: str, timeout_s: float = 5.0,
+            auth_token: str | None = None) -> None:
+    """Tell a prefill worker its lease will never be pulled, so it frees the blocks now."""
+    try:
+        with connect(Peer(host, port), timeout_s) as sock:
+            exchange(sock, {"op": "release", "transfer_id": transfer_id}, auth_token)
+    except (OSError, ValueError, KVTransferError) as e:
+        raise KVTransferError(f"release of {transfer_id} at {host}:{port}: {e}") from e
