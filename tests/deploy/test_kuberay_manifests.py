@@ -119,6 +119,10 @@ def test_worker_groups_split_gpus_into_a_prefill_and_a_decode_pool() -> None:
         assert int(container["resources"]["limits"]["nvidia.com/gpu"]) >= 1
 
 
+def test_cluster_uses_ray_token_auth() -> None:
+    assert the("RayCluster")["spec"]["authOptions"] == {"mode": "token"}
+
+
 def test_ray_version_matches_the_image_and_the_tested_ray() -> None:
     ray_pin = pinned_version(pinned_requirements()["ray"])
     assert the("RayCluster")["spec"]["rayVersion"] == ray_pin == ray.__version__

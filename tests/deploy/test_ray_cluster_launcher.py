@@ -73,13 +73,26 @@ def test_node_labels_are_valid_ray_labels(cluster: dict[str, Any]) -> None:
 
 
 def test_every_file_mount_exists_in_the_repository(cluster: dict[str, Any]) -> None:
-    for remote, local in cluster["file_mounts"].items():
-        assert (REPO / local).exists(), f"{remote}: {local} missing"
+    for remote, local in mounted_paths(cluster).items():
+        assert local.exists(), f"{remote}: {local} missing"
 
 
 def mounted_paths(cluster: dict[str, Any]) -> dict[str, Path]:
-    """Remote paths of the file mounts -> their local copies."""
-    return {remote: REPO / local for remote, local in cluster["file_mounts"].items()}
+    """Remote paths of the file mounts from this repository -> their local copies."""
+    return {remote: REPO / local for remote, local in cluster["file_mounts"].items()
+            if not local.startswith("~")}
+
+
+def test_every_node_runs_ray_with_token_auth(cluster: dict[str, Any]) -> None:
+    """The launcher copies the user's Ray token to every node, and every `ray start` and
+    login shell runs in token mode: no one without the token can submit work."""
+    assert cluster["file_mounts"]["~/.ray/auth_token"] == "~/.ray/auth_token"
+    assert "ray get-auth-token --generate" in (DEPLOY / "README.md").read_text()
+    starts = [c for c in cluster["head_start_ray_commands"] + cluster[
+        "worker_start_ray_commands"] if " start " in c]
+    assert len(starts) == 2
+    assert all("RAY_AUTH_MODE=token ~/venv/bin/ray start" in c for c in starts), starts
+    assert any("export RAY_AUTH_MODE=token" in c for c in cluster["setup_commands"])
 
 
 def test_setup_commands_pin_every_package(cluster: dict[str, Any]) -> None:
