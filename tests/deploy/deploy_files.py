@@ -28,11 +28,6 @@ REQUIREMENTS = DOCKER / "requirements.txt"
 KUBERAY_CRDS = REPO.parent / "shared/data/schemas/kuberay-v1.7.0"
 RAY_SCHEMA = Path(ray.__file__).parent / "autoscaler/ray-schema.json"
 
-needs_cluster_options = pytest.mark.skipif(
-    "prefill_resources" not in ServeConfig.model_fields,
-    reason="ServeConfig has no cluster placement options (prefill_resources, ...) yet")
-
-
 def yaml_docs(path: Path) -> list[dict[str, Any]]:
     """The non-empty documents of a (multi-document) YAML file."""
     return [doc for doc in yaml.safe_load_all(path.read_text()) if doc]

@@ -17,7 +17,6 @@ from deploy_files import (
     DEPLOY,
     instances_per_node,
     kuberay_schema,
-    needs_cluster_options,
     pinned_requirements,
     pinned_version,
     serve_config_from_cli,
@@ -144,7 +143,6 @@ def test_job_service_and_config_map_point_at_the_cluster() -> None:
     assert config_maps == [the("ConfigMap")["metadata"]["name"]]
 
 
-@needs_cluster_options
 def test_rayjob_entrypoint_serves_the_config_map_on_the_pools(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

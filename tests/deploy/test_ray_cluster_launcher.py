@@ -17,7 +17,6 @@ from deploy_files import (
     REPO,
     REQUIREMENTS,
     instances_per_node,
-    needs_cluster_options,
     pinned_requirements,
     pinned_version,
     pip_install_args,
@@ -119,7 +118,6 @@ def test_ray_start_commands_use_the_pinned_ray(cluster: dict[str, Any]) -> None:
         assert "~/venv/bin/ray " in command, command
 
 
-@needs_cluster_options
 def test_serve_config_joins_the_cluster_and_fits_its_pools(
     cluster: dict[str, Any], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -146,7 +144,6 @@ def test_serve_config_joins_the_cluster_and_fits_its_pools(
                               "prefill") == 0
 
 
-@needs_cluster_options
 def test_guide_serve_command_places_like_the_serve_config(
     monkeypatch: pytest.MonkeyPatch
 ) -> None:
