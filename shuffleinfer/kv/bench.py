@@ -22,7 +22,7 @@ from multiprocessing.connection import Connection
 import torch
 
 from shuffleinfer.kv.block_views import KVCacheViews
-from shuffleinfer.kv.shm import ShmTransport
+from shuffleinfer.kv.shm import Segment, ShmTransport
 from shuffleinfer.kv.tcp import TcpTransport
 from shuffleinfer.kv.transport import Peer, PullRequest, Transport
 
@@ -107,6 +107,19 @@ def run(mib: float, rounds: int, shape: CacheShape) -> dict[str, list[float]]:
             proc.kill()
 
 
+def segment_seconds(nbytes: int, rounds: int) -> float:
+    """Median seconds to create (allocate and zero), unlink and free a segment of
+    `nbytes`: the part of an shm pull that is not copying."""
+    times = []
+    for _ in range(rounds):
+        started = time.perf_counter()
+        segment = Segment.create(nbytes)
+        segment.unlink()
+        segment.close()
+        times.append(time.perf_counter() - started)
+    return statistics.median(times)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Command line entry: run and print a table."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -129,6 +142,8 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{name:<10} {nbytes / medians[name] / 1e9:>12.2f} "
               f"{nbytes / min(times) / 1e9:>10.2f} {medians[name] * 1e3:>10.1f}")
     print(f"shm / tcp (median throughput): {medians['tcp'] / medians['shm']:.2f}x")
+    print(f"of an shm pull, a fresh segment's allocation and release alone: "
+          f"{segment_seconds(nbytes, args.rounds) * 1e3:.1f} ms")
 
 
 if __name__ == "__main__":

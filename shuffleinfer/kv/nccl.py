@@ -4,7 +4,9 @@ Per (prefill, decode) pair, one 2-rank NCCL communicator (vLLM's `PyNcclCommunic
 a `StatelessProcessGroup`), set up lazily by the first pull:
 1. the decode side sends a `connect` header over the side channel;
 2. the prefill server binds a fresh port for the group's store, replies {"store_port",
-   "pair_id"} and joins as rank 0; the decode side joins as rank 1 on that port;
+   "pair_id"} and joins as rank 0; the decode side joins as rank 1 on that port; once the
+   server has registered the pair it sends {"ready": true} on the same connection, and
+   only then does the decode side use the pair (so a pull never outruns the set-up);
 3. every later pull sends its header (with "nccl_pair") over TCP; after the ok reply the
    server sends each asked block of each layer straight out of its KV tensor and the
    decode side receives straight into its own (no host staging, no gather copy).
@@ -24,7 +26,7 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from shuffleinfer.kv.channel import connect, exchange, send_frame
+from shuffleinfer.kv.channel import connect, exchange, recv_frame, send_frame
 from shuffleinfer.kv.tcp import pull_header
 from shuffleinfer.kv.transport import KVSource, KVTransferError, Peer, PullRequest, Transport
 
@@ -93,25 +95,34 @@ def _run_p2p(pair: _Pair, rows: list[torch.Tensor], send: bool, timeout_s: float
     watchdog.daemon = True
     watchdog.start()  # ncclGroupEnd itself may block on a peer that is gone
     try:
-        for start in range(0, len(rows), _GROUP_OPS):
-            pair.comm.group_start()
-            for row in rows[start:start + _GROUP_OPS]:
-                if send:
-                    pair.comm.send(row, peer_rank, stream=pair.stream)
-                else:
-                    pair.comm.recv(row, peer_rank, stream=pair.stream)
-            pair.comm.group_end()
-        done = torch.cuda.Event()
-        done.record(pair.stream)
-        while not done.query():
-            if pair.aborted:
-                break
-            time.sleep(0.0002)
+        # Pull and server threads have no current device of their own: use the pair's.
+        with torch.cuda.device(pair.stream.device):
+            _issue_and_wait(pair, rows, send, peer_rank)
     finally:
         watchdog.cancel()
     if pair.aborted:
         raise KVTransferError(f"NCCL transfer timed out after {timeout_s} s; "
                               f"communicator {pair.pair_id} aborted")
+
+
+def _issue_and_wait(pair: _Pair, rows: list[torch.Tensor], send: bool, peer_rank: int) -> None:
+    """Issue the sends or receives in groups, then wait for the stream (or an abort)."""
+    import torch
+
+    for start in range(0, len(rows), _GROUP_OPS):
+        if pair.aborted:
+            return
+        pair.comm.group_start()
+        for row in rows[start:start + _GROUP_OPS]:
+            if send:
+                pair.comm.send(row, peer_rank, stream=pair.stream)
+            else:
+                pair.comm.recv(row, peer_rank, stream=pair.stream)
+        pair.comm.group_end()
+    done = torch.cuda.Event()
+    done.record(pair.stream)
+    while not done.query() and not pair.aborted:
+        time.sleep(0.0002)
 
 
 class NcclTransport(Transport):
@@ -163,8 +174,11 @@ class NcclTransport(Transport):
                 with connect(peer, self._setup_timeout_s) as sock:
                     reply = exchange(sock, {"op": "connect", "transport": "nccl"},
                                      self._auth_token)
-                pair = _join(peer.host, int(reply["store_port"]), _CLIENT_RANK,
-                             self._device, str(reply["pair_id"]), self._setup_timeout_s)
+                    pair = _join(peer.host, int(reply["store_port"]), _CLIENT_RANK,
+                                 self._device, str(reply["pair_id"]), self._setup_timeout_s)
+                    if not recv_frame(sock).get("ready"):
+                        pair.abort()
+                        raise KVTransferError("the server did not register the pair")
             except KVTransferError:
                 raise
             except Exception as e:  # noqa: BLE001 - store, NCCL init, a malformed reply
@@ -202,6 +216,14 @@ class NcclTransport(Transport):
             return
         with self._lock:
             self._server_pairs[pair_id] = pair
+        try:
+            send_frame(sock, {"ok": True, "error": None, "ready": True})
+        except OSError as e:
+            logger.warning("NCCL pair %s: the client left during set-up: %s", pair_id, e)
+            with self._lock:
+                self._server_pairs.pop(pair_id, None)
+            pair.abort()
+            return
         logger.info("NCCL pair %s ready", pair_id)
 
     def serve_pull(self, sock: socket.socket, header: dict[str, Any],

@@ -79,7 +79,10 @@ class Segment:
         if size < max(nbytes, 1):
             os.close(fd)
             raise KVTransferError(f"shm segment {name} has {size} bytes, not {nbytes}")
-        return cls(name, fd, nbytes)
+        try:
+            return cls(name, fd, nbytes)
+        except OSError as e:  # e.g. out of address space or memory
+            raise KVTransferError(f"cannot map shm segment {name}: {e}") from e
 
     def unlink(self) -> None:
         """Remove the segment's name (the mappings stay valid); fine if already gone."""
@@ -141,7 +144,11 @@ def pull(host: str, port: int, request: PullRequest, dest_views: Sequence[memory
 
 
 class ShmTransport(Transport):
-    """Bytes through /dev/shm: two memory copies, no socket traffic beyond the header."""
+    """Bytes through /dev/shm: two memory copies, no socket traffic beyond the header.
+
+    Each pull maps a fresh segment, so the kernel allocates and zeroes its pages and frees
+    them afterwards; on this 2-core machine that costs more than the copies themselves
+    (see `bench.py`), which is why shm measures slower than loopback tcp here."""
 
     name = "shm"
 

@@ -5,6 +5,7 @@ between two workers, the pair reused, and a dead peer failing the pull within it
 from __future__ import annotations
 
 import dataclasses
+import queue
 import socket
 import time
 from collections.abc import Iterator
@@ -13,11 +14,13 @@ from typing import Any
 import pytest
 import torch
 
+from shuffleinfer.kv import nccl
 from shuffleinfer.kv.block_views import KVCacheViews
-from shuffleinfer.kv.channel import connect, recv_frame, send_frame
+from shuffleinfer.kv.channel import KVServer, connect, recv_frame, send_frame
 from shuffleinfer.kv.nccl import NcclTransport
 from shuffleinfer.kv.transport import KVTransferError, Peer, PullRequest
 from tests.kv.conftest import (
+    NUM_LAYERS,
     FakeSource,
     Steps,
     WorkerFactory,
@@ -33,7 +36,6 @@ pytestmark = pytest.mark.timeout(120)
 
 @pytest.fixture
 def cpu_nccl_server() -> Iterator[tuple[FakeSource, str, int]]:
-    from shuffleinfer.kv.channel import KVServer
 
     source = FakeSource({0: bytearray(8)})
     transport = NcclTransport(torch.device("cpu"), "127.0.0.1")
@@ -78,6 +80,120 @@ def test_a_cpu_only_server_does_not_offer_nccl() -> None:
         with connect(Peer(host, port), 5) as sock:
             send_frame(sock, {"op": "connect", "transport": "nccl"})
             assert "not served here" in recv_frame(sock)["error"]
+
+
+# --- the set-up and pull protocol, with NCCL faked by in-process queues ------------------
+
+class _FakeComm:
+    """Stands in for PyNcclCommunicator: rows travel through a queue per pair."""
+
+    queues: dict[str, queue.Queue[list[torch.Tensor]]] = {}
+
+    def __init__(self, pair_id: str) -> None:
+        self.queue = self.queues.setdefault(pair_id, queue.Queue())
+        self.destroyed = False
+
+    def destroy(self) -> None:
+        self.destroyed = True
+
+
+def _fake_join(host: str, port: int, rank: int, device: torch.device, pair_id: str,
+               timeout_s: float, listen_socket: socket.socket | None = None) -> nccl._Pair:
+    if listen_socket is not None:
+        listen_socket.close()
+    return nccl._Pair(pair_id, _FakeComm(pair_id), stream=None)
+
+
+def _fake_run_p2p(pair: nccl._Pair, rows: list[torch.Tensor], send: bool,
+                  timeout_s: float) -> None:
+    if send:
+        pair.comm.queue.put([r.clone() for r in rows])
+        return
+    try:
+        for row, got in zip(rows, pair.comm.queue.get(timeout=timeout_s), strict=True):
+            row.copy_(got)
+    except queue.Empty:
+        pair.abort()
+        raise KVTransferError("NCCL transfer timed out (fake)") from None
+
+
+class _CudaLookingViews(KVCacheViews):
+    @property
+    def device(self) -> torch.device:
+        return torch.device("cuda", 0)
+
+
+class _RowSource(FakeSource):
+    def __init__(self, kv: KVCacheViews) -> None:
+        super().__init__({})
+        self.kv = kv
+
+    def rows_for_pull(self, request: PullRequest) -> list[torch.Tensor]:
+        self.requests.append(request)
+        return self.kv.read_rows(request.block_ids)
+
+
+@pytest.fixture
+def fake_nccl(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(nccl, "_check_nccl", lambda: None)
+    monkeypatch.setattr(nccl, "_join", _fake_join)
+    monkeypatch.setattr(nccl, "_run_p2p", _fake_run_p2p)
+
+
+@pytest.mark.usefixtures("fake_nccl")
+def test_pair_is_set_up_once_then_each_pull_moves_rows_between_the_caches() -> None:
+    src, dst = kv_caches(0), kv_caches(1)
+    source = _RowSource(KVCacheViews(src))
+    kv = _CudaLookingViews(dst)
+    server_side = NcclTransport(torch.device("cpu"), "127.0.0.1", auth_token="tok")
+    client_side = NcclTransport(torch.device("cpu"), "127.0.0.1", auth_token="tok")
+
+    server = KVServer("127.0.0.1", 0, source, {"nccl": server_side}, auth_token="tok")
+    server.start()
+    try:
+        peer = Peer(*server.address)
+        for tid, remote, local in [("t1", (1, 5), (2, 3)), ("t2", (7,), (0,))]:
+            nbytes = client_side.pull(peer, PullRequest(tid, remote, kv.layout), kv, local, 5)
+            assert nbytes == len(remote) * NUM_LAYERS * kv.block_bytes
+            for name in src:
+                for r, lb in zip(remote, local, strict=True):
+                    assert as_bytes(dst[name][lb]) == as_bytes(src[name][r])
+            assert source.done_event.wait(5)
+            source.done_event.clear()
+        assert [d[0] for d in source.done] == ["t1", "t2"]
+        assert len(client_side._client_pairs) == 1 and len(server_side._server_pairs) == 1
+
+        # The server forgets the pair (e.g. it restarted): the pull fails, the client drops
+        # its pair, and the next pull sets up a new one.
+        server_side._server_pairs.clear()
+        with pytest.raises(KVTransferError, match="unknown nccl pair"):
+            client_side.pull(peer, PullRequest("t3", (2,), kv.layout), kv, (4,), 5)
+        assert client_side._client_pairs == {}
+        client_side.pull(peer, PullRequest("t4", (2,), kv.layout), kv, (4,), 5)
+        assert len(server_side._server_pairs) == 1
+    finally:
+        server.close()
+        server_side.close()
+        client_side.close()
+
+
+@pytest.mark.usefixtures("fake_nccl")
+def test_connect_without_the_token_sets_nothing_up() -> None:
+    source = _RowSource(KVCacheViews(kv_caches(0)))
+    server_side = NcclTransport(torch.device("cpu"), "127.0.0.1", auth_token="tok")
+
+    server = KVServer("127.0.0.1", 0, source, {"nccl": server_side}, auth_token="tok")
+    server.start()
+    try:
+        intruder = NcclTransport(torch.device("cpu"), "127.0.0.1", auth_token="nope")
+        kv = _CudaLookingViews(kv_caches(1))
+        with pytest.raises(KVTransferError, match="unauthorized"):
+            intruder.pull(Peer(*server.address), PullRequest("t", (1,), kv.layout), kv, (2,), 5)
+        assert server_side._server_pairs == {} and source.requests == []
+        assert len(source.unauthorized) == 1
+    finally:
+        server.close()
+        server_side.close()
 
 
 # --- real GPUs --------------------------------------------------------------------------

@@ -166,3 +166,4 @@ def test_segment_create_and_attach_share_memory() -> None:
         segment.unlink()
         other.close()
         segment.close()
+
