@@ -58,6 +58,8 @@ class ClusterHandles:
     scheduler: Any
     prefill: dict[str, Any]
     decode: dict[str, Any]
+    kv_auth_token: str | None = None
+    """The deployment's KV secret: the api needs it to release a lease early."""
 
     @property
     def instances(self) -> dict[str, Any]:
@@ -146,7 +148,8 @@ class RayBackend:
                     # The prefill may have finished just before the abort reached it.
                     prefill = await prefill_ref
             if prefill is not None and prefill.kv_transfer_params and decode_actor is None:
-                await asyncio.to_thread(release_lease, prefill.kv_transfer_params)
+                await asyncio.to_thread(release_lease, prefill.kv_transfer_params,
+                                        self.handles.kv_auth_token)
         except (RayActorError, ray.exceptions.RayTaskError) as e:
             logger.warning("abort of %s incomplete: %s", req_id, e)
 

@@ -78,7 +78,8 @@ async def launch(config: ServeConfig, model_path: str) -> tuple[ClusterHandles, 
     gpu = has_gpu()
     actors: dict[str, Any] = {}
     # One secret per deployment: KV servers serve only pulls that carry it.
-    specs = instance_specs(config, model_path, gpu, kv_auth_token=secrets.token_hex(16))
+    kv_auth_token = secrets.token_hex(16)
+    specs = instance_specs(config, model_path, gpu, kv_auth_token=kv_auth_token)
     for index, spec in enumerate(specs):
         placement = instance_placement(config, spec.role, index, gpu)
         options = await asyncio.to_thread(ray_options, placement, spec.instance_id)
@@ -93,7 +94,8 @@ async def launch(config: ServeConfig, model_path: str) -> tuple[ClusterHandles, 
     handles = ClusterHandles(
         scheduler=scheduler,
         prefill={s.instance_id: actors[s.instance_id] for s in specs if s.role == "prefill"},
-        decode={s.instance_id: actors[s.instance_id] for s in specs if s.role == "decode"})
+        decode={s.instance_id: actors[s.instance_id] for s in specs if s.role == "decode"},
+        kv_auth_token=kv_auth_token)
     return handles, infos
 
 
