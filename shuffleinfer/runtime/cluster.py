@@ -84,7 +84,8 @@ async def launch(config: ServeConfig, model_path: str) -> tuple[ClusterHandles, 
         placement = instance_placement(config, spec.role, index, gpu)
         options = await asyncio.to_thread(ray_options, placement, spec.instance_id)
         actors[spec.instance_id] = InstanceActor.options(**options).remote(spec)
-    infos: list[EngineInfo] = await asyncio.gather(*(a.start.remote() for a in actors.values()))
+    infos = list(await asyncio.gather(*(_start(i, a, config.max_restarts)
+                                        for i, a in actors.items())))
     scheduler = SchedulerActor.options(num_cpus=0).remote(
         [s.instance_id for s in specs if s.role == "prefill"],
         [s.instance_id for s in specs if s.role == "decode"],
@@ -97,6 +98,21 @@ async def launch(config: ServeConfig, model_path: str) -> tuple[ClusterHandles, 
         decode={s.instance_id: actors[s.instance_id] for s in specs if s.role == "decode"},
         kv_auth_token=kv_auth_token)
     return handles, infos
+
+
+async def _start(instance_id: str, actor: Any, max_restarts: int) -> EngineInfo:
+    """Start an instance's engine; if Ray restarts the actor meanwhile (it died, e.g. the
+    node ran short of memory) and restarts are allowed, start the new one."""
+    retries_left = max_restarts if max_restarts >= 0 else 3
+    while True:
+        try:
+            return await actor.start.remote()  # type: ignore[no-any-return]
+        except ray.exceptions.ActorUnavailableError as e:
+            if retries_left == 0:
+                raise
+            retries_left -= 1
+            logger.warning("%s was restarted while starting (%s); starting it again",
+                           instance_id, e)
 
 
 def shutdown(handles: ClusterHandles) -> None:
