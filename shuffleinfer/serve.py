@@ -5,8 +5,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import sys
+from typing import TYPE_CHECKING
 
 from shuffleinfer.config import ServeConfig
+
+if TYPE_CHECKING:
+    from fastapi import FastAPI
+
+    from shuffleinfer.runtime.backend import ClusterHandles
 
 logger = logging.getLogger("shuffleinfer.serve")
 
@@ -14,26 +20,34 @@ logger = logging.getLogger("shuffleinfer.serve")
 def build_app(config: ServeConfig) -> tuple[object, object]:
     """Start everything but the HTTP server; returns (FastAPI app, cluster handles)."""
     import ray
-    from transformers import AutoTokenizer
 
-    from shuffleinfer.api import create_app
     from shuffleinfer.model import resolve_model
-    from shuffleinfer.runtime.backend import RayBackend
-    from shuffleinfer.runtime.cluster import init_ray, launch
+    from shuffleinfer.runtime.cluster import init_ray
 
     model_path = resolve_model(config.model, config.cache_dir)
     init_ray(config)
     print(f"shuffleinfer: starting {config.num_prefill} prefill and {config.num_decode} "
           f"decode instances of {model_path} on Ray "
           f"({ray.cluster_resources().get('CPU', 0):.0f} CPUs)", file=sys.stderr, flush=True)
-    handles, infos = asyncio.run(launch(config, model_path))
+    return asyncio.run(start_app(config, model_path))
+
+
+async def start_app(config: ServeConfig, model_path: str) -> tuple[FastAPI, ClusterHandles]:
+    """Launch the cluster on the Ray this process has joined and build the api over it;
+    shared by `shuffleinfer serve` and the Ray Serve app (`runtime/serve_app.py`)."""
+    from transformers import AutoTokenizer
+
+    from shuffleinfer.api import create_app
+    from shuffleinfer.runtime.backend import RayBackend
+    from shuffleinfer.runtime.cluster import launch
+
+    handles, infos = await launch(config, model_path)
     name = config.served_model_name or config.model
+    tokenizer = await asyncio.to_thread(AutoTokenizer.from_pretrained, model_path)
     backend = RayBackend(handles, model_name=name,
                          max_model_len=min(i.max_model_len for i in infos),
-                         tokenizer=AutoTokenizer.from_pretrained(model_path),
-                         predictor_push_s=config.predictor_push_s)
-    app = create_app(backend, served_model_name=name, api_key=config.api_key)
-    return app, handles
+                         tokenizer=tokenizer, predictor_push_s=config.predictor_push_s)
+    return create_app(backend, served_model_name=name, api_key=config.api_key), handles
 
 
 def serve(config: ServeConfig) -> int:
