@@ -153,6 +153,14 @@ class RayBackend:
         except (RayActorError, ray.exceptions.RayTaskError) as e:
             logger.warning("abort of %s incomplete: %s", req_id, e)
 
+    def close(self) -> None:
+        """Cancel the background tasks (predictor pushes, the instance watcher, aborts).
+        Called before the engines are stopped: the watcher would otherwise take an engine
+        being shut down for one Ray restarted, and start it again."""
+        for task in (self._watcher, self._pusher, *self._background):
+            if task is not None:
+                task.cancel()
+
     def _start_background(self) -> None:
         if self._pusher is None and self.predictor_push_s is not None:
             self._pusher = asyncio.ensure_future(self._push_predictor_forever())

@@ -73,22 +73,12 @@ class ShuffleInferIngress:
     async def __del__(self) -> None:
         """Called by Serve when it stops the replica: stop every engine, then the app."""
         if self.backend is not None:
-            stop_background(self.backend)
+            self.backend.close()
         if self.handles is not None:
             await asyncio.to_thread(shutdown, self.handles)
             self.handles = None
         # Serve's ASGI wrapper, next in the MRO, runs the app's lifespan shutdown.
         await super().__del__()  # type: ignore[misc]
-
-
-def stop_background(backend: RayBackend) -> None:
-    """Cancel the backend's background tasks. Unlike under `shuffleinfer serve`, where
-    uvicorn's event loop is gone before the engines stop, the replica's loop runs on: the
-    instance watcher would take each engine stopped by `shutdown` for one Ray restarted
-    and start it again (seen here). RayBackend has no public close(); this reaches in."""
-    for task in (backend._watcher, backend._pusher, *backend._background):
-        if task is not None:
-            task.cancel()
 
 
 def build(args: dict[str, Any]) -> Application:
