@@ -6,7 +6,8 @@ A prefill worker (a real `ConnectorWorker` with its KV server) runs in a child p
 CPU tensors shaped like the default model's cache (30 layers, 3 KV heads x 64 dims,
 float32, vLLM's CPU block size 128); this process pulls its leased blocks into its own
 cache through each transport in turn, checks the bytes, and prints GB/s (10^9 bytes per
-second) for each and their ratio.
+second) for each and their ratio. Every round's bytes are checked. Round 0 is not timed:
+it is where shm allocates the segment it then reuses (its time is shown as "first ms").
 """
 
 from __future__ import annotations
@@ -18,11 +19,13 @@ import statistics
 import time
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
+from typing import cast
 
 import torch
 
-from shuffleinfer.kv.block_views import KVCacheViews
-from shuffleinfer.kv.shm import Segment, ShmTransport
+from shuffleinfer.kv.block_views import VLLM_BLOCK_DIM, KVCacheViews
+from shuffleinfer.kv.shm import ShmTransport
+from shuffleinfer.kv.shm_segments import Segment, discard
 from shuffleinfer.kv.tcp import TcpTransport
 from shuffleinfer.kv.transport import Peer, PullRequest, Transport
 
@@ -58,7 +61,8 @@ def _prefill_main(conn: Connection, shape: CacheShape, num_blocks: int) -> None:
     from shuffleinfer.kv.worker_side import ConnectorWorker
 
     worker = ConnectorWorker("127.0.0.1", 0, lease_s=600.0, pull_timeout_s=60.0)
-    worker.register_kv_caches(make_caches(shape, num_blocks, seed=0))
+    worker.register_kv_caches(make_caches(shape, num_blocks, seed=0), num_blocks=num_blocks,
+                              block_dim=VLLM_BLOCK_DIM)
     conn.send(worker.address)
     while (msg := conn.recv()) is not None:
         transfer_id, block_ids = msg
@@ -68,54 +72,66 @@ def _prefill_main(conn: Connection, shape: CacheShape, num_blocks: int) -> None:
     worker.shutdown()
 
 
+def _reply(conn: Connection, proc: mp.process.BaseProcess, timeout_s: float = 120.0
+           ) -> object:
+    """The child's next message; raises if it dies or says nothing for `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    while not conn.poll(0.1):
+        if not proc.is_alive():
+            raise RuntimeError(f"the prefill process died (exit code {proc.exitcode})")
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the prefill process said nothing for {timeout_s} s")
+    return conn.recv()
+
+
 def run(mib: float, rounds: int, shape: CacheShape) -> dict[str, list[float]]:
-    """Seconds per hand-over of `mib` MiB, per transport, interleaved round by round."""
+    """Seconds per hand-over of `mib` MiB, per transport, interleaved round by round;
+    the first entry of each list is the untimed warm-up round's."""
     num_blocks = max(1, math.ceil(mib * (1 << 20) / shape.block_bytes))
+    transports: list[Transport] = [TcpTransport(), ShmTransport()]
     ctx = mp.get_context("spawn")
     parent, child = ctx.Pipe()
     proc = ctx.Process(target=_prefill_main, args=(child, shape, num_blocks), daemon=True)
     proc.start()
     try:
-        host, port = parent.recv()
+        host, port = cast(tuple[str, int], _reply(parent, proc))
         peer = Peer(host, port)
         src = make_caches(shape, num_blocks, seed=0)  # the same bytes as the child's
         dst_caches = make_caches(shape, num_blocks, seed=1)
-        kv = KVCacheViews(dst_caches)
+        kv = KVCacheViews(dst_caches, num_blocks=num_blocks, block_dim=VLLM_BLOCK_DIM)
         block_ids = tuple(range(num_blocks))
-        transports: list[Transport] = [TcpTransport(), ShmTransport()]
         seconds: dict[str, list[float]] = {t.name: [] for t in transports}
-        for r in range(rounds + 1):  # round 0 warms up both paths and checks the bytes
+        for r in range(rounds + 1):  # round 0 warms up both paths
             for transport in transports:
                 tid = f"{transport.name}-{r}"
                 parent.send((tid, block_ids))
-                parent.recv()
+                _reply(parent, proc)
                 for cache in dst_caches.values():
                     cache.zero_()
                 started = time.perf_counter()
                 transport.pull(peer, PullRequest(tid, block_ids, kv.layout), kv, block_ids, 60.0)
                 elapsed = time.perf_counter() - started
-                if r == 0:
-                    if not all(torch.equal(dst_caches[n], src[n]) for n in src):
-                        raise RuntimeError(f"{transport.name} delivered wrong bytes")
-                else:
-                    seconds[transport.name].append(elapsed)
+                if not all(torch.equal(dst_caches[n], src[n]) for n in src):
+                    raise RuntimeError(f"{transport.name} delivered wrong bytes in round {r}")
+                seconds[transport.name].append(elapsed)
         parent.send(None)
         proc.join(30)
         return seconds
     finally:
+        for transport in transports:
+            transport.close()
         if proc.is_alive():
             proc.kill()
 
 
 def segment_seconds(nbytes: int, rounds: int) -> float:
     """Median seconds to create (allocate and zero), unlink and free a segment of
-    `nbytes`: the part of an shm pull that is not copying."""
+    `nbytes`: what each shm pull cost before segments were reused."""
     times = []
     for _ in range(rounds):
         started = time.perf_counter()
         segment = Segment.create(nbytes)
-        segment.unlink()
-        segment.close()
+        discard(segment)
         times.append(time.perf_counter() - started)
     return statistics.median(times)
 
@@ -135,14 +151,16 @@ def main(argv: list[str] | None = None) -> None:
           f"{shape.num_layers} layers, block [{shape.kv_heads}, {shape.block_size}, "
           f"{2 * shape.head_size}] {str(shape.dtype).removeprefix('torch.')}, "
           f"{args.rounds} timed rounds each")
-    print(f"{'transport':<10} {'median GB/s':>12} {'best GB/s':>10} {'median ms':>10}")
+    print(f"{'transport':<10} {'median GB/s':>12} {'best GB/s':>10} {'median ms':>10} "
+          f"{'first ms':>9}")
     medians = {}
-    for name, times in seconds.items():
+    for name, (first, *times) in seconds.items():
         medians[name] = statistics.median(times)
         print(f"{name:<10} {nbytes / medians[name] / 1e9:>12.2f} "
-              f"{nbytes / min(times) / 1e9:>10.2f} {medians[name] * 1e3:>10.1f}")
+              f"{nbytes / min(times) / 1e9:>10.2f} {medians[name] * 1e3:>10.1f} "
+              f"{first * 1e3:>9.1f}")
     print(f"shm / tcp (median throughput): {medians['tcp'] / medians['shm']:.2f}x")
-    print(f"of an shm pull, a fresh segment's allocation and release alone: "
+    print(f"a new segment's allocation and release (once per pair, then reused): "
           f"{segment_seconds(nbytes, args.rounds) * 1e3:.1f} ms")
 
 

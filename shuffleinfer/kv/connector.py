@@ -14,6 +14,7 @@ auth_token (a shared secret every KV request must carry).
 
 from __future__ import annotations
 
+import logging
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -23,6 +24,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorRole,
 )
 
+from shuffleinfer.kv.block_views import VLLM_BLOCK_DIM
 from shuffleinfer.kv.metadata import ShuffleConnectorMetadata
 from shuffleinfer.kv.options import ConnectorOptions
 from shuffleinfer.kv.scheduler_side import ConnectorScheduler
@@ -38,6 +40,9 @@ if TYPE_CHECKING:
     from vllm.v1.core.sched.output import SchedulerOutput
     from vllm.v1.kv_cache_interface import KVCacheConfig
     from vllm.v1.request import Request
+
+logger = logging.getLogger(__name__)
+
 
 class ShuffleKVConnector(KVConnectorBase_V1):
     """Pull-based KV hand-over between a prefill and a decode engine."""
@@ -62,7 +67,14 @@ class ShuffleKVConnector(KVConnectorBase_V1):
     # --- worker side --------------------------------------------------------------------
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
         assert self._worker is not None
-        self._worker.register_kv_caches(kv_caches)
+        # vLLM 0.32 registers each attention layer as a [B, H, N, C] view whose strides
+        # follow the resolved KV cache layout; dim 0 counts num_blocks (times the kernel
+        # blocks per block when the kernel splits blocks).
+        logger.info("registering the KV cache: %s layout, %d blocks",
+                    self._vllm_config.cache_config.kv_cache_layout,
+                    self._kv_cache_config.num_blocks)
+        self._worker.register_kv_caches(kv_caches, num_blocks=self._kv_cache_config.num_blocks,
+                                        block_dim=VLLM_BLOCK_DIM)
 
     def _bound_metadata(self) -> ShuffleConnectorMetadata | None:
         if not self.has_connector_metadata():

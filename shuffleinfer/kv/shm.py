@@ -1,104 +1,33 @@
 """The shm transport: same host only; block bytes go through a shared-memory segment.
 
 The handshake is the tcp one over the same side channel; only the wire differs:
-1. the decode side creates a segment in /dev/shm sized for the asked blocks and names it
-   in the pull header ("shm_name", "shm_bytes");
-2. the prefill server opens it, unlinks it (from then on only the two mappings keep it
-   alive, so a crash on either side leaks nothing), grants the lease, copies the blocks
-   in (one copy) and replies ok;
-3. the decode side copies the segment into its own KV blocks (one copy).
-The decode side unlinks the segment on every path too: a server that refused, died or
-stalled before opening it leaves nothing behind in /dev/shm.
+1. the decode side takes a segment of its pool for this prefill server (`SegmentPool`:
+   one kept per pair and reused, grown when a pull needs more) and names it in the pull
+   header ("shm_name", "shm_bytes": the pull's size);
+2. the prefill server maps it (or reuses its mapping from the last pull,
+   `AttachedSegments`), grants the lease, copies the blocks in (one copy) and replies ok;
+3. the decode side copies the segment into its own KV blocks (one copy) and gives the
+   segment back to its pool.
+A segment is in at most one pull at a time. A pull that failed in any way gives its
+segment up (unlinked at once): a server that stalled may still write into it later. The
+decode worker unlinks the rest at shutdown (`close`); see `shm_segments` for the
+segments' life, and for what is left behind when a worker dies.
 """
 
 from __future__ import annotations
 
 import logging
-import mmap
-import os
-import re
-import secrets
 import socket
 from collections.abc import Sequence
 from typing import Any
 
 from shuffleinfer.kv.block_views import KVCacheViews
 from shuffleinfer.kv.channel import connect, exchange, send_frame
+from shuffleinfer.kv.shm_segments import AttachedSegments, Segment, SegmentPool
 from shuffleinfer.kv.tcp import pull_header
 from shuffleinfer.kv.transport import KVSource, KVTransferError, Peer, PullRequest, Transport
 
 logger = logging.getLogger(__name__)
-
-SHM_DIR = "/dev/shm"
-SEGMENT_PREFIX = "shuffleinfer-kv-"
-_NAME_RE = re.compile(rf"{SEGMENT_PREFIX}\d+-[0-9a-f]{{32}}")
-# Pre-fault the whole mapping in one call: much cheaper than a page fault per 4 KiB.
-_MAP_FLAGS = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
-
-
-class Segment:
-    """A file in /dev/shm mapped read-write; `close()` unmaps, `unlink()` removes the name."""
-
-    def __init__(self, name: str, fd: int, nbytes: int) -> None:
-        self.name = name
-        self.nbytes = nbytes
-        try:
-            # mmap cannot map 0 bytes; a 1-byte file stands in for an empty pull.
-            self._map = mmap.mmap(fd, max(nbytes, 1), flags=_MAP_FLAGS)
-        finally:
-            os.close(fd)
-        self.buf = memoryview(self._map)[:nbytes]
-
-    @classmethod
-    def create(cls, nbytes: int) -> Segment:
-        """Called by the decode side before a pull: a new segment of `nbytes`."""
-        name = f"{SEGMENT_PREFIX}{os.getpid()}-{secrets.token_hex(16)}"
-        path = os.path.join(SHM_DIR, name)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-        try:
-            os.ftruncate(fd, max(nbytes, 1))
-            return cls(name, fd, nbytes)
-        except BaseException:
-            _unlink_quietly(path)
-            raise
-
-    @classmethod
-    def attach(cls, name: object, nbytes: object) -> Segment:
-        """Called by the prefill server with a pull header's (untrusted) fields: open the
-        named segment, checking the name and the size. Raises KVTransferError."""
-        if not isinstance(name, str) or not _NAME_RE.fullmatch(name):
-            raise KVTransferError(f"bad shm segment name {name!r}")
-        if not isinstance(nbytes, int) or isinstance(nbytes, bool) or nbytes < 0:
-            raise KVTransferError(f"bad shm segment size {nbytes!r}")
-        try:
-            fd = os.open(os.path.join(SHM_DIR, name), os.O_RDWR | os.O_NOFOLLOW)
-        except OSError as e:
-            raise KVTransferError(f"cannot open shm segment {name} (not on this host?): "
-                                  f"{e.strerror}") from e
-        size = os.fstat(fd).st_size
-        if size < max(nbytes, 1):
-            os.close(fd)
-            raise KVTransferError(f"shm segment {name} has {size} bytes, not {nbytes}")
-        try:
-            return cls(name, fd, nbytes)
-        except OSError as e:  # e.g. out of address space or memory
-            raise KVTransferError(f"cannot map shm segment {name}: {e}") from e
-
-    def unlink(self) -> None:
-        """Remove the segment's name (the mappings stay valid); fine if already gone."""
-        _unlink_quietly(os.path.join(SHM_DIR, self.name))
-
-    def close(self) -> None:
-        """Unmap; the memory is freed once every mapping is closed and the name unlinked."""
-        self.buf.release()
-        self._map.close()
-
-
-def _unlink_quietly(path: str) -> None:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
 
 
 def copy_in(buf: memoryview, views: Sequence[memoryview]) -> int:
@@ -119,82 +48,91 @@ def copy_out(buf: memoryview, views: Sequence[memoryview]) -> int:
     return offset
 
 
-def pull(host: str, port: int, request: PullRequest, dest_views: Sequence[memoryview],
-         timeout_s: float, auth_token: str | None = None) -> int:
-    """Pull the requested blocks into `dest_views` (same order) through a shared-memory
-    segment; returns the bytes received. Raises KVTransferError naming the transfer on any
-    failure; the segment is unlinked on every path."""
-    nbytes = sum(len(v) for v in dest_views)
-    segment: Segment | None = None
-    try:
-        segment = Segment.create(nbytes)
-        header = pull_header(request, "shm") | {"shm_name": segment.name,
-                                                "shm_bytes": nbytes}
-        with connect(Peer(host, port), timeout_s) as sock:
-            exchange(sock, header, auth_token)
-        segment.unlink()
-        return copy_out(segment.buf, dest_views)
-    except (OSError, ValueError, KVTransferError) as e:
-        raise KVTransferError(f"pull of {request.transfer_id} from {host}:{port} "
-                              f"by shm: {e}") from e
-    finally:
-        if segment is not None:
-            segment.unlink()
-            segment.close()
-
-
 class ShmTransport(Transport):
     """Bytes through /dev/shm: two memory copies, no socket traffic beyond the header.
 
-    Each pull maps a fresh segment, so the kernel allocates and zeroes its pages and frees
-    them afterwards; on this 2-core machine that costs more than the copies themselves
-    (see `bench.py`), which is why shm measures slower than loopback tcp here."""
+    Decode side: a pool of at most `segments_per_peer` idle segments per prefill server
+    (more only while more pulls to it run at once). Prefill side: the mappings of the
+    segments it served, kept until their owner unlinks them."""
 
     name = "shm"
 
-    def __init__(self, auth_token: str | None = None) -> None:
+    def __init__(self, auth_token: str | None = None, segments_per_peer: int = 1) -> None:
         self._auth_token = auth_token
+        self._pool = SegmentPool(segments_per_peer)
+        self._attached = AttachedSegments()
 
+    # --- decode side ----------------------------------------------------------------------
     def pull(self, peer: Peer, request: PullRequest, kv: KVCacheViews,
              local_block_ids: tuple[int, ...], timeout_s: float) -> int:
         dest = kv.write_views(local_block_ids)
-        nbytes = pull(peer.host, peer.port, request, dest.views, timeout_s,
-                      auth_token=self._auth_token)
+        nbytes = self.pull_views(peer, request, dest.views, timeout_s)
         dest.commit()
         return nbytes
 
+    def pull_views(self, peer: Peer, request: PullRequest, dest_views: Sequence[memoryview],
+                   timeout_s: float) -> int:
+        """Pull the requested blocks into `dest_views` (same order) through one of the
+        pool's segments; returns the bytes received. Raises KVTransferError naming the
+        transfer on any failure, after giving the segment up."""
+        nbytes = sum(len(v) for v in dest_views)
+        segment: Segment | None = None
+        ok = False
+        try:
+            segment = self._pool.acquire(peer, nbytes)
+            header = pull_header(request, "shm") | {"shm_name": segment.name,
+                                                    "shm_bytes": nbytes}
+            with connect(peer, timeout_s) as sock:
+                exchange(sock, header, self._auth_token)
+            copied = copy_out(segment.buf, dest_views)
+            ok = True
+            return copied
+        except (OSError, ValueError, KVTransferError) as e:
+            raise KVTransferError(f"pull of {request.transfer_id} from {peer.host}:"
+                                  f"{peer.port} by shm: {e}") from e
+        finally:
+            if segment is not None:
+                self._pool.release(peer, segment, reusable=ok)
+
+    # --- prefill side ---------------------------------------------------------------------
     def serve_pull(self, sock: socket.socket, header: dict[str, Any],
                    request: PullRequest, source: KVSource) -> None:
         try:
-            segment = Segment.attach(header.get("shm_name"), header.get("shm_bytes"))
+            segment = self._attached.acquire(header.get("shm_name"), header.get("shm_bytes"))
         except KVTransferError as e:
             send_frame(sock, {"ok": False, "error": str(e)})
             return
         try:
-            segment.unlink()
-            self._serve_into(sock, request, source, segment)
-        finally:
-            segment.close()
-
-    @staticmethod
-    def _serve_into(sock: socket.socket, request: PullRequest, source: KVSource,
-                    segment: Segment) -> None:
-        try:
             views = source.views_for_pull(request)
         except KVTransferError as e:
+            self._attached.release(segment)
             send_frame(sock, {"ok": False, "error": str(e)})
             return
         ok = False
         try:
-            nbytes = sum(len(v) for v in views)
-            if nbytes != segment.nbytes:
-                send_frame(sock, {"ok": False, "error": f"shm segment has {segment.nbytes} "
-                                                        f"bytes, the blocks {nbytes}"})
-                return
-            copy_in(segment.buf, views)
-            send_frame(sock, {"ok": True, "error": None})
-            ok = True
+            try:
+                error = _fill(segment, int(header["shm_bytes"]), views)
+            finally:
+                self._attached.release(segment)  # before the reply: the client reuses it
+            send_frame(sock, {"ok": error is None, "error": error})
+            ok = error is None
         except OSError as e:
             logger.warning("KV pull %s by shm failed: %s", request.transfer_id, e)
         finally:
             source.on_pull_done(request.transfer_id, ok)
+
+    def close(self) -> None:
+        """Called at worker shutdown: unlink this worker's segments, drop the mappings of
+        the others'."""
+        self._pool.close()
+        self._attached.close()
+
+
+def _fill(segment: Segment, nbytes: int, views: Sequence[memoryview]) -> str | None:
+    """Copy the granted blocks into the pull's first `nbytes` of the segment; returns why
+    not, if they do not fill exactly that."""
+    total = sum(len(v) for v in views)
+    if total != nbytes:
+        return f"shm segment has {nbytes} bytes, the blocks {total}"
+    copy_in(segment.buf, views)
+    return None

@@ -28,6 +28,7 @@ from shuffleinfer.kv.channel import KVServer
 from shuffleinfer.kv.metadata import Lease, PlannedLoad, ShuffleConnectorMetadata
 from shuffleinfer.kv.selection import Endpoint, check_choice, choose_transport, host_identity
 from shuffleinfer.kv.shm import ShmTransport
+from shuffleinfer.kv.shm_segments import sweep_orphans
 from shuffleinfer.kv.stats import ShuffleKVStats
 from shuffleinfer.kv.tcp import TcpTransport
 from shuffleinfer.kv.transport import KVSource, KVTransferError, Peer, PullRequest, Transport
@@ -84,9 +85,15 @@ class ConnectorWorker(KVSource):
         self._last_meta: ShuffleConnectorMetadata | None = None
 
     # --- set-up -------------------------------------------------------------------------
-    def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
-        """Called once by vLLM after allocating the KV cache: start serving it."""
-        self._kv = KVCacheViews(kv_caches, stage_through_host=self._stage_through_host)
+    def register_kv_caches(self, kv_caches: dict[str, torch.Tensor], *,
+                           num_blocks: int | None = None, block_dim: int | None = None
+                           ) -> None:
+        """Called once by vLLM after allocating the KV cache: start serving it.
+        `num_blocks` and `block_dim` locate each tensor's block dimension
+        (`block_views.find_block_dim`). Raises ValueError for caches it cannot serve."""
+        self._kv = KVCacheViews(kv_caches, num_blocks=num_blocks, block_dim=block_dim,
+                                stage_through_host=self._stage_through_host)
+        sweep_orphans()  # segments of decode workers on this host that died unclosed
         self._transports = {"tcp": TcpTransport(self._auth_token),
                             "shm": ShmTransport(self._auth_token)}
         if self._kv.device.type == "cuda":
@@ -183,15 +190,15 @@ class ConnectorWorker(KVSource):
 
     # --- prefill side: serving leases (server threads) ----------------------------------
     def views_for_pull(self, request: PullRequest) -> list[memoryview]:
-        return self._require_kv().read_views(self._grant(request))
+        return self._require_kv().read_views(self._grant(request, rows=False))
 
     def rows_for_pull(self, request: PullRequest) -> list[torch.Tensor]:
-        return self._require_kv().read_rows(self._grant(request))
+        return self._require_kv().read_rows(self._grant(request, rows=True))
 
-    def _grant(self, request: PullRequest) -> tuple[int, ...]:
+    def _grant(self, request: PullRequest, rows: bool) -> tuple[int, ...]:
         """Check the request against its lease (waiting a little for the lease to be
         registered) and mark the lease as being served; returns the blocks to read."""
-        self._require_kv().check_layout(request.layout)
+        self._require_kv().check_layout(request.layout, rows=rows)
         deadline = time.monotonic() + self._lease_wait_s
         with self._lock:
             while (held := self._leases.get(request.transfer_id)) is None:

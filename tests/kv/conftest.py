@@ -1,5 +1,5 @@
 """Helpers shared by the KV tests: a fake lease source behind a real KV server, and
-workers on real CPU tensors shaped like vLLM's CPU KV cache, driven like engine steps."""
+workers on real CPU tensors shaped like vLLM's KV caches, driven like engine steps."""
 
 from __future__ import annotations
 
@@ -13,10 +13,10 @@ from typing import Any
 import pytest
 import torch
 
-from shuffleinfer.kv import shm
 from shuffleinfer.kv.channel import KVServer
 from shuffleinfer.kv.metadata import Lease, PlannedLoad, ShuffleConnectorMetadata
 from shuffleinfer.kv.shm import ShmTransport
+from shuffleinfer.kv.shm_segments import SEGMENT_PREFIX, SHM_DIR
 from shuffleinfer.kv.tcp import TcpTransport
 from shuffleinfer.kv.transport import KVSource, KVTransferError, PullRequest
 from shuffleinfer.kv.worker_side import ConnectorWorker
@@ -60,19 +60,21 @@ class FakeSource(KVSource):
 def serve(source: KVSource, io_timeout_s: float = 10.0, auth_token: str | None = None
           ) -> Iterator[tuple[str, int]]:
     """A KV server for `source` on a free loopback port, serving tcp and shm."""
-    server = KVServer("127.0.0.1", 0, source,
-                      {"tcp": TcpTransport(auth_token), "shm": ShmTransport(auth_token)},
-                      io_timeout_s=io_timeout_s, auth_token=auth_token)
+    transports = {"tcp": TcpTransport(auth_token), "shm": ShmTransport(auth_token)}
+    server = KVServer("127.0.0.1", 0, source, transports, io_timeout_s=io_timeout_s,
+                      auth_token=auth_token)
     server.start()
     try:
         yield server.address
     finally:
         server.close()
+        for transport in transports.values():
+            transport.close()
 
 
 def shm_segments() -> set[str]:
     """Our segments currently in /dev/shm (to check none leaks)."""
-    return {n for n in os.listdir(shm.SHM_DIR) if n.startswith(shm.SEGMENT_PREFIX)}
+    return {n for n in os.listdir(SHM_DIR) if n.startswith(SEGMENT_PREFIX)}
 
 
 # --- workers on CPU tensors ----------------------------------------------------------------
@@ -80,12 +82,53 @@ def shm_segments() -> set[str]:
 def kv_caches(seed: int, num_layers: int = NUM_LAYERS, dtype: torch.dtype = torch.bfloat16,
               kv_heads: int = 3, block_size: int = 128, head_size: int = 64
               ) -> dict[str, torch.Tensor]:
-    """Like vLLM's CPU cache: every layer a [num_blocks, kv_heads, block_size, 2*head_size]
-    view of one buffer."""
+    """Like vLLM's CPU cache (layout LBHNC): every layer a contiguous
+    [num_blocks, kv_heads, block_size, 2*head_size] view of one buffer."""
     gen = torch.Generator().manual_seed(seed)
     buffer = torch.randn(num_layers, NUM_BLOCKS, kv_heads, block_size, 2 * head_size,
                          generator=gen).to(dtype)
     return {f"model.layers.{i}.self_attn.attn": buffer[i] for i in range(num_layers)}
+
+
+def vllm_kv_caches(seed: int, layout: str, num_layers: int = 3, kv_heads: int = 2,
+                   block_size: int = 16, head_size: int = 64,
+                   dtype: torch.dtype = torch.bfloat16, kernel_block_size: int | None = None
+                   ) -> dict[str, torch.Tensor]:
+    """Exactly what vLLM 0.32 registers for a model of full-attention layers under the
+    KV cache layout named `layout` (LBHNC: the CPU backend; LBNHC: FlashAttention's
+    default), `kernel_block_size` if the kernel splits blocks: its own
+    `create_kv_cache_views` over one random buffer."""
+    from vllm.v1.kv_cache_interface import (
+        FullAttentionSpec,
+        KVCacheTensor,
+        compute_layout_strides,
+        create_kv_cache_views,
+    )
+    from vllm.v1.kv_cache_layout import KVCacheLayout
+
+    spec = FullAttentionSpec(block_size=block_size, num_kv_heads=kv_heads,
+                             head_size=head_size, dtype=dtype)
+    kv_layout = KVCacheLayout[layout]
+    layer_stride, block_stride, *_ = compute_layout_strides(spec, NUM_BLOCKS, num_layers,
+                                                            kv_layout)
+    size = num_layers * NUM_BLOCKS * spec.page_size_bytes
+    tensor = KVCacheTensor(size=size, layers=[f"model.layers.{i}.self_attn.attn"
+                                              for i in range(num_layers)],
+                           layer_stride=layer_stride, block_stride=block_stride)
+    gen = torch.Generator().manual_seed(seed)
+    raw = torch.randint(-128, 128, (size,), dtype=torch.int8, generator=gen)
+    views = create_kv_cache_views(raw, spec, NUM_BLOCKS, kv_layout, tensor,
+                                  kernel_block_size=kernel_block_size)
+    return dict(zip(tensor.layers, views, strict=True))
+
+
+def legacy_flash_kv_caches(seed: int, num_layers: int = 3) -> dict[str, torch.Tensor]:
+    """FlashAttention's layout before vLLM 0.32: every layer
+    (2, num_blocks, block_size, kv_heads, head_size), K and V in the leading dim."""
+    gen = torch.Generator().manual_seed(seed)
+    return {f"model.layers.{i}.self_attn.attn":
+            torch.randn(2, NUM_BLOCKS, 16, 2, 64, generator=gen).to(torch.bfloat16)
+            for i in range(num_layers)}
 
 
 def as_bytes(t: torch.Tensor) -> bytes:
@@ -102,19 +145,21 @@ WorkerFactory = Callable[..., ConnectorWorker]
 
 @pytest.fixture
 def make_worker() -> Iterator[WorkerFactory]:
-    """Builds workers on free ports with registered caches; shuts them all down after.
-    Extra keyword arguments (transport, auth_token, host_id, ...) go to ConnectorWorker."""
+    """Builds workers on free ports with registered caches (`NUM_BLOCKS` blocks unless
+    told otherwise); shuts them all down after. Extra keyword arguments (transport,
+    auth_token, host_id, ...) go to ConnectorWorker."""
     made: list[ConnectorWorker] = []
 
     def make(caches: dict[str, torch.Tensor], lease_s: float = 30.0,
              lease_wait_s: float = 5.0, stage_through_host: bool | None = None,
+             num_blocks: int | None = NUM_BLOCKS, block_dim: int | None = None,
              **kwargs: Any) -> ConnectorWorker:
         worker = ConnectorWorker("127.0.0.1", 0, lease_s=lease_s,
                                  pull_timeout_s=kwargs.pop("pull_timeout_s", 5.0),
                                  lease_wait_s=lease_wait_s,
                                  stage_through_host=stage_through_host, **kwargs)
         made.append(worker)
-        worker.register_kv_caches(caches)
+        worker.register_kv_caches(caches, num_blocks=num_blocks, block_dim=block_dim)
         return worker
 
     yield make

@@ -8,7 +8,8 @@ from typing import Any
 
 import pytest
 
-from shuffleinfer.kv import channel, shm, tcp
+from shuffleinfer.kv import channel, tcp
+from shuffleinfer.kv.shm import ShmTransport
 from shuffleinfer.kv.transport import KVTransferError, Peer, PullRequest
 from tests.kv.conftest import FakeSource, serve
 
@@ -18,7 +19,17 @@ TOKEN = "correct horse battery staple"
 Pull = Callable[..., int]
 
 
-@pytest.mark.parametrize("pull", [tcp.pull, shm.pull], ids=["tcp", "shm"])
+def _shm_pull(host: str, port: int, request: PullRequest, dest: list[memoryview],
+              timeout_s: float, auth_token: str | None) -> int:
+    """`tcp.pull`'s signature over a decode-side shm transport of its own."""
+    transport = ShmTransport(auth_token)
+    try:
+        return transport.pull_views(Peer(host, port), request, dest, timeout_s)
+    finally:
+        transport.close()
+
+
+@pytest.mark.parametrize("pull", [tcp.pull, _shm_pull], ids=["tcp", "shm"])
 @pytest.mark.parametrize("token", [None, "wrong", TOKEN[:-1], TOKEN + " "],
                          ids=["missing", "wrong", "prefix", "suffix"])
 def test_pull_without_the_token_is_refused_and_the_lease_untouched(

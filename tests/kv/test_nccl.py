@@ -15,11 +15,12 @@ import pytest
 import torch
 
 from shuffleinfer.kv import nccl
-from shuffleinfer.kv.block_views import KVCacheViews
+from shuffleinfer.kv.block_views import VLLM_BLOCK_DIM, KVCacheViews
 from shuffleinfer.kv.channel import KVServer, connect, recv_frame, send_frame
 from shuffleinfer.kv.nccl import NcclTransport
 from shuffleinfer.kv.transport import KVTransferError, Peer, PullRequest
 from tests.kv.conftest import (
+    NUM_BLOCKS,
     NUM_LAYERS,
     FakeSource,
     Steps,
@@ -29,6 +30,7 @@ from tests.kv.conftest import (
     lease_and_load,
     meta,
     serve,
+    vllm_kv_caches,
 )
 
 pytestmark = pytest.mark.timeout(120)
@@ -49,7 +51,7 @@ def cpu_nccl_server() -> Iterator[tuple[FakeSource, str, int]]:
 
 
 def test_pull_into_a_cpu_cache_is_refused_before_dialling() -> None:
-    kv = KVCacheViews(kv_caches(0))
+    kv = KVCacheViews(kv_caches(0), num_blocks=NUM_BLOCKS)
     transport = NcclTransport(torch.device("cpu"), "127.0.0.1")
     with pytest.raises(KVTransferError, match="needs a KV cache on a CUDA device"):
         transport.pull(Peer("127.0.0.1", 1), PullRequest("t", (1,), kv.layout), kv, (2,), 1)
@@ -143,8 +145,8 @@ def fake_nccl(monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest.mark.usefixtures("fake_nccl")
 def test_pair_is_set_up_once_then_each_pull_moves_rows_between_the_caches() -> None:
     src, dst = kv_caches(0), kv_caches(1)
-    source = _RowSource(KVCacheViews(src))
-    kv = _CudaLookingViews(dst)
+    source = _RowSource(KVCacheViews(src, num_blocks=NUM_BLOCKS))
+    kv = _CudaLookingViews(dst, num_blocks=NUM_BLOCKS)
     server_side = NcclTransport(torch.device("cpu"), "127.0.0.1", auth_token="tok")
     client_side = NcclTransport(torch.device("cpu"), "127.0.0.1", auth_token="tok")
 
@@ -178,15 +180,42 @@ def test_pair_is_set_up_once_then_each_pull_moves_rows_between_the_caches() -> N
 
 
 @pytest.mark.usefixtures("fake_nccl")
+@pytest.mark.parametrize("layout", ["LBNHC", "LHBNC"])
+def test_rows_carry_whole_blocks_of_vllm_layouts(layout: str) -> None:
+    # LBNHC: FlashAttention's default on GPUs, one row per block; LHBNC: one per head.
+    src, dst = vllm_kv_caches(0, layout), vllm_kv_caches(1, layout)
+    source = _RowSource(KVCacheViews(src, num_blocks=NUM_BLOCKS, block_dim=VLLM_BLOCK_DIM))
+    kv = _CudaLookingViews(dst, num_blocks=NUM_BLOCKS, block_dim=VLLM_BLOCK_DIM)
+    before = {name: t.clone() for name, t in dst.items()}
+    server_side = NcclTransport(torch.device("cpu"), "127.0.0.1")
+    client_side = NcclTransport(torch.device("cpu"), "127.0.0.1")
+    server = KVServer("127.0.0.1", 0, source, {"nccl": server_side})
+    server.start()
+    try:
+        remote, local = (6, 0, 3), (1, 7, 4)
+        nbytes = client_side.pull(Peer(*server.address), PullRequest("t", remote, kv.layout),
+                                  kv, local, 5)
+    finally:
+        server.close()
+        server_side.close()
+        client_side.close()
+    assert nbytes == len(remote) * len(src) * kv.block_bytes
+    for name in src:
+        for b in range(NUM_BLOCKS):
+            expected = src[name][remote[local.index(b)]] if b in local else before[name][b]
+            assert as_bytes(dst[name][b]) == as_bytes(expected)
+
+
+@pytest.mark.usefixtures("fake_nccl")
 def test_connect_without_the_token_sets_nothing_up() -> None:
-    source = _RowSource(KVCacheViews(kv_caches(0)))
+    source = _RowSource(KVCacheViews(kv_caches(0), num_blocks=NUM_BLOCKS))
     server_side = NcclTransport(torch.device("cpu"), "127.0.0.1", auth_token="tok")
 
     server = KVServer("127.0.0.1", 0, source, {"nccl": server_side}, auth_token="tok")
     server.start()
     try:
         intruder = NcclTransport(torch.device("cpu"), "127.0.0.1", auth_token="nope")
-        kv = _CudaLookingViews(kv_caches(1))
+        kv = _CudaLookingViews(kv_caches(1), num_blocks=NUM_BLOCKS)
         with pytest.raises(KVTransferError, match="unauthorized"):
             intruder.pull(Peer(*server.address), PullRequest("t", (1,), kv.layout), kv, (2,), 5)
         assert server_side._server_pairs == {} and source.requests == []

@@ -1,20 +1,27 @@
 """The shm transport over a real KV server and real /dev/shm segments: bytes land exactly,
-refusals carry the server's reason, and no segment is left behind on any path."""
+one segment per pair serves pull after pull, refusals carry the server's reason, and no
+segment is left behind after close or on any failure path."""
 
 from __future__ import annotations
 
+import os
 import random
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
 
 import pytest
 
-from shuffleinfer.kv import shm
+from shuffleinfer.kv import shm_segments
 from shuffleinfer.kv.channel import connect, recv_frame, send_frame
+from shuffleinfer.kv.shm import ShmTransport
+from shuffleinfer.kv.shm_segments import AttachedSegments, Segment, discard
 from shuffleinfer.kv.transport import KVTransferError, Peer, PullRequest
-from tests.kv.conftest import FakeSource, serve, shm_segments
+from tests.kv.conftest import FakeSource, serve
+from tests.kv.conftest import shm_segments as our_segments
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -22,12 +29,17 @@ pytestmark = pytest.mark.timeout(30)
 @pytest.fixture(autouse=True)
 def no_leaked_segments() -> Iterator[None]:
     """Every test here ends with /dev/shm as it found it."""
-    before = shm_segments()
+    before = our_segments()
     yield
-    deadline = time.monotonic() + 2  # a server thread may still be closing its mapping
-    while shm_segments() - before and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert shm_segments() - before == set(), "leaked shared-memory segments"
+    assert our_segments() - before == set(), "leaked shared-memory segments"
+
+
+@pytest.fixture
+def client() -> Iterator[ShmTransport]:
+    """The decode side's transport, closed (its segments unlinked) after the test."""
+    transport = ShmTransport()
+    yield transport
+    transport.close()
 
 
 def _blocks(seed: int, sizes: list[int]) -> dict[int, bytearray]:
@@ -35,15 +47,28 @@ def _blocks(seed: int, sizes: list[int]) -> dict[int, bytearray]:
     return {i: bytearray(rng.randbytes(size)) for i, size in enumerate(sizes)}
 
 
-def test_pull_through_shared_memory_fills_odd_sized_views_exactly() -> None:
+def _own_segments() -> set[str]:
+    """Segments this process owns right now."""
+    return {n for n in our_segments()
+            if n.startswith(f"{shm_segments.SEGMENT_PREFIX}{os.getpid()}-")}
+
+
+def _mappings_of(name: str) -> int:
+    """How many mappings of segment `name` this process holds."""
+    with open("/proc/self/maps") as f:
+        return sum(name in line for line in f)
+
+
+def test_pull_through_shared_memory_fills_odd_sized_views_exactly(
+        client: ShmTransport) -> None:
     rng = random.Random(0)
     sizes = [rng.choice([0, 1, 7, 1021, 4099, 65_537, 300_001]) for _ in range(600)]
     source = FakeSource(_blocks(1, sizes))
     wanted = tuple(rng.sample(range(len(sizes)), 500))
     dest = {b: bytearray(sizes[b]) for b in wanted}
     with serve(source) as (host, port):
-        nbytes = shm.pull(host, port, PullRequest("t1", wanted, {"k": 1}),
-                          [memoryview(dest[b]) for b in wanted], timeout_s=10)
+        nbytes = client.pull_views(Peer(host, port), PullRequest("t1", wanted, {"k": 1}),
+                                   [memoryview(dest[b]) for b in wanted], timeout_s=10)
     assert nbytes == sum(sizes[b] for b in wanted)
     assert all(dest[b] == source.blocks[b] for b in wanted)
     assert source.done_event.wait(5)  # the server ends the lease after its reply
@@ -51,26 +76,94 @@ def test_pull_through_shared_memory_fills_odd_sized_views_exactly() -> None:
     assert source.done == [("t1", True)]
 
 
-def test_refused_pull_raises_with_the_reason_and_leaves_no_segment() -> None:
-    source = FakeSource({0: bytearray(b"x" * 10)}, refuse="no lease for transfer t")
-    dest = bytearray(10)
+def test_one_segment_serves_pull_after_pull_grows_and_is_unlinked_at_close() -> None:
+    before = our_segments()
+    client = ShmTransport()
+    source = FakeSource(_blocks(2, [1 << 20, 3 << 20, 100]))
     with serve(source) as (host, port):
+        names = []
+        for i, block_ids in enumerate([(0,), (2, 0), (1, 0, 2), (0,)]):
+            dest = {b: bytearray(len(source.blocks[b])) for b in block_ids}
+            client.pull_views(Peer(host, port), PullRequest(f"t{i}", block_ids, {}),
+                              [memoryview(dest[b]) for b in block_ids], timeout_s=10)
+            assert all(dest[b] == source.blocks[b] for b in block_ids)
+            (name,) = our_segments() - before
+            names.append((name, os.stat(os.path.join(shm_segments.SHM_DIR, name)).st_size))
+        # The server keeps its mapping between pulls, next to the client's own.
+        assert _mappings_of(names[0][0]) == 2
+        client.close()
+        assert our_segments() - before == set()
+        # Its name gone, the server lets go of its mapping at its next shm request.
+        with connect(Peer(host, port), 5) as sock:
+            send_frame(sock, {"op": "pull", "transport": "shm", "transfer_id": "t-x",
+                              "block_ids": [0], "layout": {}, "shm_bytes": 1,
+                              "shm_name": f"{shm_segments.SEGMENT_PREFIX}1-{'0' * 32}"})
+            assert "cannot open shm segment" in recv_frame(sock)["error"]
+        assert _mappings_of(names[0][0]) == 0
+    assert len({name for name, _ in names}) == 1  # the same segment every time...
+    sizes = [size for _, size in names]
+    assert sizes[0] < sizes[2] == sizes[3]  # ...grown for the 4 MiB pull, never shrunk
+
+
+def test_concurrent_pulls_to_one_server_each_get_their_own_segment(
+        client: ShmTransport) -> None:
+    barrier = threading.Barrier(3)
+
+    class SlowSource(FakeSource):  # both pulls are in the server at the same time
+        def views_for_pull(self, request: PullRequest) -> list[memoryview]:
+            barrier.wait(5)
+            return super().views_for_pull(request)
+
+    source = SlowSource(_blocks(3, [1 << 20] * 3))
+    results: dict[int, bytearray] = {}
+
+    def pull(block: int) -> None:
+        dest = bytearray(1 << 20)
+        client.pull_views(peer, PullRequest(f"t{block}", (block,), {}), [memoryview(dest)],
+                          timeout_s=10)
+        results[block] = dest
+
+    with serve(source) as (host, port):
+        peer = Peer(host, port)
+        threads = [threading.Thread(target=pull, args=(b,)) for b in (0, 1, 2)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(10)
+    assert all(results[b] == source.blocks[b] for b in (0, 1, 2))
+    assert len(_own_segments()) == 1  # three were in use; one is kept for the next pull
+
+
+def test_refused_pull_raises_with_the_reason_and_gives_its_segment_up(
+        client: ShmTransport) -> None:
+    before = our_segments()
+    source = FakeSource({0: bytearray(b"x" * 10)})
+    with serve(source) as (host, port):
+        client.pull_views(Peer(host, port), PullRequest("t-ok", (0,), {}),
+                          [memoryview(bytearray(10))], timeout_s=5)
+        assert len(our_segments() - before) == 1
+        source.refuse = "no lease for transfer t"
+        dest = bytearray(10)
         with pytest.raises(KVTransferError, match="no lease for transfer t"):
-            shm.pull(host, port, PullRequest("t", (0,), {}), [memoryview(dest)], timeout_s=5)
+            client.pull_views(Peer(host, port), PullRequest("t", (0,), {}),
+                              [memoryview(dest)], timeout_s=5)
     assert dest == bytearray(10)
-    assert source.done == []  # refused before the grant: nothing to end
+    assert source.done == [("t-ok", True)]  # refused before the grant: nothing to end
+    assert our_segments() - before == set()  # unlinked at once, not at close
 
 
-def test_unreachable_server_leaves_no_segment() -> None:
+def test_unreachable_server_leaves_no_segment(client: ShmTransport) -> None:
     listener = socket.create_server(("127.0.0.1", 0))
     host, port = listener.getsockname()[:2]
     listener.close()
     with pytest.raises(KVTransferError, match="t-gone"):
-        shm.pull(host, port, PullRequest("t-gone", (0,), {}), [memoryview(bytearray(4))],
-                 timeout_s=1)
+        client.pull_views(Peer(host, port), PullRequest("t-gone", (0,), {}),
+                          [memoryview(bytearray(4))], timeout_s=1)
+    assert not _own_segments()
 
 
-def test_server_that_never_replies_times_out_and_leaves_no_segment() -> None:
+def test_server_that_never_replies_times_out_and_leaves_no_segment(
+        client: ShmTransport) -> None:
     # A raw server that reads the header (so the segment exists) and then says nothing.
     listener = socket.create_server(("127.0.0.1", 0))
     stop = threading.Event()
@@ -86,8 +179,10 @@ def test_server_that_never_replies_times_out_and_leaves_no_segment() -> None:
     started = time.monotonic()
     try:
         with pytest.raises(KVTransferError, match="t-stall"):
-            shm.pull(*listener.getsockname()[:2], PullRequest("t-stall", (0,), {}),
-                     [memoryview(bytearray(1 << 20))], timeout_s=0.5)
+            client.pull_views(Peer(*listener.getsockname()[:2]),
+                              PullRequest("t-stall", (0,), {}),
+                              [memoryview(bytearray(1 << 20))], timeout_s=0.5)
+        assert not _own_segments()  # given up at once: the server might still write
     finally:
         stop.set()
         thread.join(5)
@@ -95,8 +190,9 @@ def test_server_that_never_replies_times_out_and_leaves_no_segment() -> None:
     assert time.monotonic() - started < 5
 
 
-def test_slow_source_times_the_client_out_and_still_leaks_nothing() -> None:
-    # The server has opened (and unlinked) the segment when the client gives up.
+def test_slow_source_times_the_client_out_and_still_leaks_nothing(
+        client: ShmTransport) -> None:
+    # The server has mapped the segment when the client gives up; it copies afterwards.
     class SlowSource(FakeSource):
         def views_for_pull(self, request: PullRequest) -> list[memoryview]:
             time.sleep(1.0)
@@ -105,11 +201,21 @@ def test_slow_source_times_the_client_out_and_still_leaks_nothing() -> None:
     source = SlowSource({0: bytearray(b"z" * 4096)})
     with serve(source) as (host, port):
         with pytest.raises(KVTransferError, match="t-slow"):
-            shm.pull(host, port, PullRequest("t-slow", (0,), {}),
-                     [memoryview(bytearray(4096))], timeout_s=0.3)
+            client.pull_views(Peer(host, port), PullRequest("t-slow", (0,), {}),
+                              [memoryview(bytearray(4096))], timeout_s=0.3)
+        assert not _own_segments()
         assert source.done_event.wait(5)
     # The copy went into a segment nobody reads any more: the lease is over either way.
     assert [tid for tid, _ in source.done] == ["t-slow"]
+
+
+def test_pull_after_close_is_refused_without_a_segment() -> None:
+    transport = ShmTransport()
+    transport.close()
+    with pytest.raises(KVTransferError, match="closed"):
+        transport.pull_views(Peer("127.0.0.1", 1), PullRequest("t", (0,), {}),
+                             [memoryview(bytearray(4))], timeout_s=1)
+    assert not _own_segments()
 
 
 def _raw_pull(host: str, port: int, extra: dict[str, object]) -> dict[str, object]:
@@ -131,20 +237,19 @@ def test_server_refuses_segment_names_it_did_not_mint(name: object) -> None:
 
 def test_server_refuses_a_segment_smaller_than_claimed() -> None:
     source = FakeSource({0: bytearray(4096)})
-    segment = shm.Segment.create(100)
+    segment = Segment.create(100)
     try:
         with serve(source) as (host, port):
             reply = _raw_pull(host, port, {"shm_name": segment.name, "shm_bytes": 4096})
         assert reply["ok"] is False and "has 100 bytes" in str(reply["error"])
         assert source.requests == []
     finally:
-        segment.unlink()
-        segment.close()
+        discard(segment)
 
 
 def test_blocks_that_do_not_fit_the_segment_are_refused_after_the_grant() -> None:
     source = FakeSource({0: bytearray(4096)})
-    segment = shm.Segment.create(100)
+    segment = Segment.create(100)
     try:
         with serve(source) as (host, port):
             reply = _raw_pull(host, port, {"shm_name": segment.name, "shm_bytes": 100})
@@ -152,18 +257,34 @@ def test_blocks_that_do_not_fit_the_segment_are_refused_after_the_grant() -> Non
         assert reply["ok"] is False and "the blocks 4096" in str(reply["error"])
         assert source.done == [("t-raw", False)]
     finally:
-        segment.unlink()
-        segment.close()
+        discard(segment)
 
 
-def test_segment_create_and_attach_share_memory() -> None:
-    segment = shm.Segment.create(10)
-    other = shm.Segment.attach(segment.name, 10)
+def test_server_lends_a_segment_to_one_pull_at_a_time() -> None:
+    segment = Segment.create(10)
+    attached = AttachedSegments()
     try:
-        other.buf[:] = b"0123456789"
-        assert bytes(segment.buf) == b"0123456789"
+        mine = attached.acquire(segment.name, 10)
+        with pytest.raises(KVTransferError, match="in use by another pull"):
+            attached.acquire(segment.name, 10)
+        mine.buf[:10] = b"0123456789"
+        assert bytes(segment.buf[:10]) == b"0123456789"
+        attached.release(mine)
+        attached.release(attached.acquire(segment.name, 10))  # free again
     finally:
-        segment.unlink()
-        other.close()
-        segment.close()
+        attached.close()
+        discard(segment)
 
+
+def test_segments_of_a_dead_worker_are_swept_and_live_ones_kept() -> None:
+    code = ("import os; from shuffleinfer.kv.shm_segments import Segment; "
+            "print(Segment.create(4096).name, flush=True); os._exit(0)")
+    orphan = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            check=True).stdout.split()[-1]
+    live = Segment.create(4096)
+    try:
+        assert {orphan, live.name} <= our_segments()
+        assert orphan in shm_segments.sweep_orphans()
+        assert orphan not in our_segments() and live.name in our_segments()
+    finally:
+        discard(live)

@@ -192,7 +192,8 @@ def test_layout_mismatch_is_refused_naming_the_field(
     prefill = make_worker(src)
     lease, load = lease_and_load(prefill, "t-layout", remote=(1,), local=(2,))
     prefill.on_metadata(meta(leases=[lease]))
-    peer_layout = KVCacheViews(kv_caches(2, **peer_caches)).layout  # type: ignore[arg-type]
+    peer_caches_ = kv_caches(2, **peer_caches)  # type: ignore[arg-type]
+    peer_layout = KVCacheViews(peer_caches_, num_blocks=NUM_BLOCKS).layout
 
     with pytest.raises(KVTransferError, match=f"layout mismatch: {field} is"):
         _pull_directly(prefill, "t-layout", (1,), peer_layout)
@@ -212,7 +213,7 @@ def test_second_pull_of_a_lease_is_refused(make_worker: WorkerFactory) -> None:
     # not read stays in flight.
     src = kv_caches(0, num_layers=4, kv_heads=4, block_size=1024)
     prefill = make_worker(src, lease_wait_s=0.3)
-    layout = KVCacheViews(src).layout
+    layout = KVCacheViews(src, num_blocks=NUM_BLOCKS).layout
     all_blocks = tuple(range(NUM_BLOCKS))
     prefill.on_metadata(meta(leases=[Lease("t-once", "pre-once", all_blocks)]))
 
@@ -225,7 +226,7 @@ def test_second_pull_of_a_lease_is_refused(make_worker: WorkerFactory) -> None:
         with pytest.raises(KVTransferError, match="already pulled"):
             _pull_directly(prefill, "t-once", (1,), layout)
         name = sorted(src)[0]
-        got = bytearray(KVCacheViews(src).block_bytes)
+        got = bytearray(KVCacheViews(src, num_blocks=NUM_BLOCKS).block_bytes)
         recv_exact_into(first, memoryview(got))
         assert bytes(got) == as_bytes(src[name][0])
 
@@ -253,7 +254,7 @@ def test_released_lease_is_reported_and_no_longer_pullable(make_worker: WorkerFa
     p_steps.step()
     assert p_steps.sending == [lease.engine_req_id]
     with pytest.raises(KVTransferError, match="no lease"):
-        _pull_directly(prefill, "t-rel", (4,), KVCacheViews(src).layout)
+        _pull_directly(prefill, "t-rel", (4,), KVCacheViews(src, num_blocks=NUM_BLOCKS).layout)
 
 
 def test_pull_of_blocks_outside_the_lease_is_refused(make_worker: WorkerFactory) -> None:
@@ -262,7 +263,7 @@ def test_pull_of_blocks_outside_the_lease_is_refused(make_worker: WorkerFactory)
     lease, _ = lease_and_load(prefill, "t-scope", remote=(1, 2), local=(3, 4))
     prefill.on_metadata(meta(leases=[lease]))
     with pytest.raises(KVTransferError, match=r"blocks \[6\] are not in the lease"):
-        _pull_directly(prefill, "t-scope", (1, 6), KVCacheViews(src).layout)
+        _pull_directly(prefill, "t-scope", (1, 6), KVCacheViews(src, num_blocks=NUM_BLOCKS).layout)
 
 
 def test_finished_ids_without_a_lease_are_not_kept_forever(
@@ -284,11 +285,41 @@ def test_finished_ids_without_a_lease_are_not_kept_forever(
     p_steps.until(lambda: lease.engine_req_id in p_steps.sending)
 
 
-def test_register_rejects_caches_the_wire_cannot_serve() -> None:
+@pytest.mark.parametrize(("caches", "reason"), [
+    # A block must be whole bytes in memory: no dim that repeats memory (stride 0)...
+    ({"model.layers.0.self_attn.attn": torch.zeros(NUM_BLOCKS, 1, 128, 128)
+      .expand(NUM_BLOCKS, 3, 128, 128)}, "overlap in memory"),
+    # ...nor gaps inside its innermost dim...
+    ({"model.layers.0.self_attn.attn": torch.zeros(NUM_BLOCKS, 3, 128, 256)[..., ::2]},
+     "no byte view of its blocks"),
+    # ...and all layers' blocks alike.
+    ({"model.layers.0.self_attn.attn": torch.zeros(NUM_BLOCKS, 3, 128, 128),
+      "model.layers.1.self_attn.attn": torch.zeros(NUM_BLOCKS, 3, 64, 128)},
+     "model.layers.1.self_attn.attn has blocks"),
+])
+def test_register_rejects_caches_the_wire_cannot_serve(
+        caches: dict[str, torch.Tensor], reason: str) -> None:
     worker = ConnectorWorker("127.0.0.1", 0, lease_s=1.0, pull_timeout_s=1.0)
     try:
-        strided = torch.zeros(NUM_BLOCKS, 3, 128, 128).transpose(1, 2)
-        with pytest.raises(ValueError, match="not contiguous"):
-            worker.register_kv_caches({"model.layers.0.self_attn.attn": strided})
+        with pytest.raises(ValueError, match=reason):
+            worker.register_kv_caches(caches, num_blocks=NUM_BLOCKS)
     finally:
         worker.shutdown()
+
+
+def test_register_serves_a_cache_whose_blocks_are_not_contiguous_tensors(
+        make_worker: WorkerFactory) -> None:
+    # FlashAttention's [B, H, N, C] view on a GPU is stored as [B, N, H, C]: not a
+    # contiguous tensor, yet every block is whole bytes in memory.
+    src = {n: t.transpose(1, 2).contiguous().transpose(1, 2) for n, t in kv_caches(0).items()}
+    dst = {n: t.transpose(1, 2).contiguous().transpose(1, 2) for n, t in kv_caches(1).items()}
+    assert not next(iter(src.values())).is_contiguous()
+    prefill, decode = make_worker(src), make_worker(dst)
+    lease, load = lease_and_load(prefill, "t-strided", remote=(3,), local=(5,))
+    prefill.on_metadata(meta(leases=[lease]))
+    decode.on_metadata(meta(loads=[load]))
+    d_steps = Steps(decode)
+    d_steps.until(lambda: load.engine_req_id in d_steps.recving)
+    assert decode.get_block_ids_with_load_errors() == set()
+    for name in src:
+        assert as_bytes(dst[name][5]) == as_bytes(src[name][3])

@@ -13,6 +13,7 @@ from shuffleinfer.kv.block_views import KVCacheViews
 from shuffleinfer.kv.tcp import pull as tcp_pull
 from shuffleinfer.kv.transport import KVTransferError, PullRequest
 from tests.kv.conftest import (
+    NUM_BLOCKS,
     Steps,
     WorkerFactory,
     as_bytes,
@@ -119,7 +120,7 @@ def test_token_less_direct_pull_does_not_reach_the_lease(make_worker: WorkerFact
     prefill = make_worker(src, auth_token="s3cret", lease_wait_s=0.3)
     lease, _ = lease_and_load(prefill, "t-direct", remote=(5,), local=(6,))
     prefill.on_metadata(meta(leases=[lease]))
-    layout = KVCacheViews(src).layout
+    layout = KVCacheViews(src, num_blocks=NUM_BLOCKS).layout
     views = [memoryview(bytearray(int(layout["block_bytes"])))  # type: ignore[call-overload]
              for _ in range(int(layout["num_layers"]))]  # type: ignore[call-overload]
     with pytest.raises(KVTransferError, match="unauthorized"):
@@ -130,17 +131,37 @@ def test_token_less_direct_pull_does_not_reach_the_lease(make_worker: WorkerFact
     assert bytes(views[0]) == as_bytes(src[sorted(src)[0]][5])
 
 
-def test_shm_pulls_leave_no_segments_on_success_or_failure(
+def test_shm_keeps_one_segment_per_prefill_and_unlinks_it_at_shutdown(
         make_worker: WorkerFactory) -> None:
     before = shm_segments()
     src, dst = kv_caches(0), kv_caches(1)
     prefill = make_worker(src, lease_wait_s=0.2)
     decode = make_worker(dst, transport="shm")
-    good_lease, good = lease_and_load(prefill, "t-ok", remote=(1,), local=(2,))
-    _, ghost = lease_and_load(prefill, "t-ghost", remote=(3,), local=(4,))
-    prefill.on_metadata(meta(leases=[good_lease]))
-    decode.on_metadata(meta(loads=[good, ghost]))
     d_steps = Steps(decode)
-    d_steps.until(lambda: {good.engine_req_id, ghost.engine_req_id} <= set(d_steps.recving))
+    kept = set()
+    for i, (remote, local) in enumerate([((1,), (2,)), ((3, 4), (5, 6)), ((7,), (0,))]):
+        lease, load = lease_and_load(prefill, f"t-{i}", remote=remote, local=local)
+        prefill.on_metadata(meta(leases=[lease]))
+        decode.on_metadata(meta(loads=[load]))
+        d_steps.until(lambda load=load: load.engine_req_id in d_steps.recving)
+        for name in src:
+            for r, lb in zip(remote, local, strict=True):
+                assert as_bytes(dst[name][lb]) == as_bytes(src[name][r])
+        kept |= shm_segments() - before
+    assert len(kept) == 1  # the same segment for every pull from this prefill
+
+    # A failed pull (no such lease) gives the segment it used up at once.
+    _, ghost = lease_and_load(prefill, "t-ghost", remote=(3,), local=(4,))
+    decode.on_metadata(meta(loads=[ghost]))
+    d_steps.until(lambda: ghost.engine_req_id in d_steps.recving)
     assert decode.get_block_ids_with_load_errors() == {4}
+    assert shm_segments() - before == set()
+
+    # The next good pull makes a new one, which lives until the decode worker shuts down.
+    lease, load = lease_and_load(prefill, "t-again", remote=(2,), local=(3,))
+    prefill.on_metadata(meta(leases=[lease]))
+    decode.on_metadata(meta(loads=[load]))
+    d_steps.until(lambda: load.engine_req_id in d_steps.recving)
+    assert len(shm_segments() - before) == 1
+    decode.shutdown()
     assert shm_segments() - before == set()
