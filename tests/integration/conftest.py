@@ -34,7 +34,9 @@ def tokenizer(model_path: str):  # noqa: ANN201 - a Hugging Face tokenizer
     return AutoTokenizer.from_pretrained(model_path)
 
 
-@pytest.fixture(scope="session")
+# Module scope: its engines stop before other test modules start deployments of their own
+# (three deployments at once would crowd this machine's memory).
+@pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """Base URL of a running `shuffleinfer serve` (1 prefill + 1 decode, chunk 256, decodes
     placed by the shuffle policy with the learned length predictor)."""
