@@ -36,7 +36,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from shuffleinfer.kv.transport import KVTransferError
+from shuffleinfer.kv.errors import KVTransferError
 
 VLLM_BLOCK_DIM = 0
 """The block dimension of the per-layer tensors vLLM 0.32 registers ([B, H, N, C])."""

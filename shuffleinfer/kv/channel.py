@@ -122,7 +122,10 @@ class _Handler(socketserver.BaseRequestHandler):
                                                     f"(serving {sorted(server.transports)})"})
             return
         if op == "connect":
-            transport.serve_connect(sock, header)
+            try:
+                transport.serve_connect(sock, header)
+            except KVTransferError as e:
+                send_frame(sock, {"ok": False, "error": str(e)})
             return
         if op != "pull":
             send_frame(sock, {"ok": False, "error": f"unknown op {op!r}"})

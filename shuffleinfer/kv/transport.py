@@ -20,6 +20,8 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
+from shuffleinfer.kv.errors import KVTransferError
+
 if TYPE_CHECKING:
     import torch
 
@@ -29,10 +31,6 @@ TransportName = Literal["tcp", "shm", "nccl"]
 TRANSPORT_NAMES: tuple[TransportName, ...] = ("tcp", "shm", "nccl")
 TRANSPORT_CHOICES: tuple[str, ...] = ("auto", *TRANSPORT_NAMES)
 """Values of the `transport` key of `kv_connector_extra_config`."""
-
-
-class KVTransferError(RuntimeError):
-    """A pull or release failed; the caller recomputes or reports the failure."""
 
 
 @dataclass(frozen=True)
@@ -106,10 +104,9 @@ class Transport(ABC):
 
     def serve_connect(self, sock: socket.socket, header: dict[str, Any]) -> None:
         """Called on a KV server thread for a `connect` header (a transport that needs a
-        per-peer set-up, such as nccl's communicator). Others refuse it."""
-        from shuffleinfer.kv.channel import send_frame
-
-        send_frame(sock, {"ok": False, "error": f"transport {self.name} has no connect"})
+        per-peer set-up, such as nccl's communicator). Others raise KVTransferError, which
+        the server replies."""
+        raise KVTransferError(f"transport {self.name} has no connect")
 
     def close(self) -> None:
         """Called once at worker shutdown: free per-peer state."""
