@@ -34,7 +34,10 @@ def init_ray(config: ServeConfig) -> None:
         ray.init(address=config.address, logging_level=logging.WARNING)
         return
     num_cpus = max(os.cpu_count() or 1, config.num_instances * config.cpus_per_instance)
-    ray.init(num_cpus=num_cpus, include_dashboard=False, logging_level=logging.WARNING)
+    # "local": a new cluster of our own, even if `ray start` left one running here
+    # (without it, ray.init joins any local cluster it finds).
+    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False,
+             logging_level=logging.WARNING)
 
 
 def engine_dtype(config: ServeConfig, gpu: bool) -> str:

@@ -35,7 +35,7 @@ from shuffleinfer.runtime.serve_app import build
 
 stop = threading.Event()
 signal.signal(signal.SIGINT, lambda *_: stop.set())
-ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
+ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING")
 serve.start(http_options={"host": "127.0.0.1", "port": int(sys.argv[1])})
 serve.run(build(json.loads(sys.argv[2])), name="shuffleinfer", route_prefix="/")
 print("driver: deployed", flush=True)
