@@ -1,4 +1,5 @@
-"""The `shuffleinfer` command: `serve`, `model prepare` and `predictor label | eval`.
+"""The `shuffleinfer` command: `serve`, `model prepare`, `predictor label | eval` and
+`calibrate`.
 
 Every `serve` option is a `ServeConfig` field; a YAML file given with `--config` supplies
 defaults and flags override it. Unknown flags and invalid values stop the command before
@@ -8,7 +9,6 @@ anything starts, with a message naming the option.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -16,44 +16,26 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from shuffleinfer.cli_args import engine_arg, json_object
 from shuffleinfer.config import ServeConfig, load_config
+from shuffleinfer.engine.calibrate import add_calibrate_parser
 from shuffleinfer.model.cli import add_model_parser
 from shuffleinfer.predictor.cli import add_predictor_parser
-
-
-def _json_object(text: str) -> dict[str, Any]:
-    """A flag value that is a JSON object, e.g. '{"prefill_pool": 1}'."""
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise argparse.ArgumentTypeError(f"expected a JSON object, got {text!r}: {e}") from e
-    if not isinstance(value, dict):
-        raise argparse.ArgumentTypeError(f"expected a JSON object, got {text!r}")
-    return value
-
 
 _SERVE_FLAGS: dict[str, Callable[[str], Any]] = {
     "model": str, "served_model_name": str, "host": str, "port": int,
     "num_prefill": int, "num_decode": int, "chunk_size": int, "dtype": str,
     "max_model_len": int, "kv_cache_gib": int, "cpus_per_instance": int,
-    "kv_host": str, "kv_lease_s": float, "address": str, "api_key": str,
+    "kv_host": str, "kv_lease_s": float, "address": str, "api_key": str, "admin_token": str,
     "prefill_policy": str, "decode_policy": str, "cache_dir": Path, "predictor": str,
     "predictor_state": Path, "predictor_push_s": float, "kv_transport": str,
-    "prefill_resources": _json_object, "decode_resources": _json_object,
-    "prefill_node_labels": _json_object, "decode_node_labels": _json_object,
+    "prefill_resources": json_object, "decode_resources": json_object,
+    "prefill_node_labels": json_object, "decode_node_labels": json_object,
     "gpus_per_instance": int, "max_restarts": int,
+    "prefill_order": str, "sched_window": int, "admission": str,
+    "heavy_threshold_tokens": int, "monitor_interval_ms": int, "flip_policy": str,
+    "flip_idle_s": float, "flip_options": json_object,
 }
-
-
-def _engine_arg(text: str) -> tuple[str, Any]:
-    key, sep, value = text.partition("=")
-    if not sep or not key:
-        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
-    try:
-        parsed = json.loads(value)
-    except json.JSONDecodeError:
-        parsed = value
-    return key.replace("-", "_"), parsed
 
 
 def add_serve_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -66,7 +48,7 @@ def add_serve_parser(subparsers: argparse._SubParsersAction) -> None:
         field = ServeConfig.model_fields[name]
         p.add_argument(f"--{name.replace('_', '-')}", dest=name, type=kind, default=None,
                        help=f"{field.description} (default: {field.default})")
-    p.add_argument("--engine-arg", dest="engine_args", action="append", type=_engine_arg,
+    p.add_argument("--engine-arg", dest="engine_args", action="append", type=engine_arg,
                    default=None, metavar="KEY=VALUE",
                    help="extra vLLM engine argument (repeatable; VALUE parsed as JSON)")
     p.set_defaults(handler=_run_serve)
@@ -106,6 +88,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     add_serve_parser(subparsers)
     add_model_parser(subparsers)
     add_predictor_parser(subparsers)
+    add_calibrate_parser(subparsers)
     args = parser.parse_args(argv)
     return int(args.handler(args))
 

@@ -7,16 +7,21 @@ arguments pass through untouched in `engine_args`.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
+from shuffleinfer.scheduler.policies.admission import ADMISSION_POLICIES
+from shuffleinfer.scheduler.policies.flip import FLIP_POLICIES, FlipConfig
 from shuffleinfer.scheduler.policies.placement import (
     PLACEMENT_POLICIES,
     PREFILL_PLACEMENT_POLICIES,
 )
+from shuffleinfer.scheduler.policies.prefill_order import PREFILL_ORDER_POLICIES
+from shuffleinfer.scheduler.policies.registry import lookup
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 
@@ -34,8 +39,10 @@ class ServeConfig(BaseModel):
     port: int = Field(8000, ge=0, le=65535, description="HTTP port (0 picks a free one).")
     num_prefill: int = Field(1, ge=1, le=1024, description="Prefill instances.")
     num_decode: int = Field(1, ge=1, le=1024, description="Decode instances.")
-    chunk_size: int = Field(512, ge=16, le=1 << 20, description=(
-        "Prefill chunk in tokens (vLLM max_num_batched_tokens on every instance)."))
+    chunk_size: int | None = Field(None, ge=16, le=1 << 20, description=(
+        "Prefill chunk in tokens (vLLM max_num_batched_tokens on every instance). None: "
+        "the calibrated chunk size for this model if `shuffleinfer calibrate` saved one, "
+        "else 512."))
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
         "auto", description=(
             "Model and KV cache dtype, the same on every instance. auto: float32 on CPU "
@@ -70,9 +77,36 @@ class ServeConfig(BaseModel):
         "in one placement group on one node."))
     max_restarts: int = Field(0, ge=-1, description=(
         "Times Ray restarts a dead instance actor (-1: without limit)."))
-    api_key: str | None = Field(None, description="If set, /v1 needs this Bearer token.")
+    api_key: str | None = Field(None, min_length=1, description=(
+        "If set, /v1 needs this Bearer token."))
+    admin_token: str | None = Field(None, min_length=1, description=(
+        "Bearer token required by the /admin routes; if unset, the environment variable "
+        "SHUFFLEINFER_ADMIN_TOKEN; if neither, admin routes answer 403."))
     prefill_policy: str = Field("least_load", description="Prefill placement policy.")
     decode_policy: str = Field("least_load", description="Decode placement policy.")
+    prefill_order: str = Field("sjf", description=(
+        "Order of each prefill instance's own queue: fcfs, sjf or ljf by prompt length, "
+        "sorted within windows of --sched-window arrivals (the paper's best: sjf)."))
+    sched_window: int = Field(16, ge=1, le=1 << 16, description=(
+        "Prompts are reordered only within windows of this many arrivals."))
+    admission: str = Field("greedy", description=(
+        "Decode admission on each decode instance: greedy, reserve_static (the predicted "
+        "KV need fits now) or reserve_dynamic (it fits once the shortest running decode "
+        "ends)."))
+    heavy_threshold_tokens: int = Field(128, ge=0, description=(
+        "A decode predicted to output more than this is heavy (shuffle placement)."))
+    monitor_interval_ms: int = Field(100, ge=10, le=60_000, description=(
+        "How often the cluster monitor gathers every instance's load for placement and "
+        "flips."))
+    flip_policy: str = Field("idle_or_imbalance", description=(
+        "When an instance changes role: never, idle (idle for --flip-idle-s while the other "
+        "role is all busy) or idle_or_imbalance (also a sustained imbalance between prefill "
+        "queueing delay and decode KV use)."))
+    flip_idle_s: float = Field(60.0, gt=0, description=(
+        "Seconds an instance must be idle before it may flip."))
+    flip_options: dict[str, float] = Field(default_factory=dict, description=(
+        "Other flip thresholds, JSON: sustain_s, prefill_delay_high_s, prefill_delay_low_s, "
+        "decode_utilisation_low, decode_utilisation_high, min_instances_per_role."))
     predictor: str = Field("ngram", description=(
         "Output-length predictor: ngram (learns online from finished requests) or "
         "running_median."))
@@ -93,6 +127,27 @@ class ServeConfig(BaseModel):
             raise ValueError(f"unknown policy {name!r}; known: "
                              f"{', '.join(PREFILL_PLACEMENT_POLICIES)}")
         return name
+
+    @field_validator("prefill_order", "admission", "flip_policy")
+    @classmethod
+    def _known_policy(cls, name: str, info: ValidationInfo) -> str:
+        registries: dict[str, Mapping[str, object]] = {
+            "prefill_order": PREFILL_ORDER_POLICIES, "admission": ADMISSION_POLICIES,
+            "flip_policy": FLIP_POLICIES}
+        lookup(registries[str(info.field_name)], name, "policy")
+        return name
+
+    @field_validator("flip_options")
+    @classmethod
+    def _flip_options(cls, options: dict[str, float]) -> dict[str, float]:
+        if "flip_idle_s" in options:
+            raise ValueError("set flip_idle_s with --flip-idle-s")
+        FlipConfig.model_validate(options)
+        return options
+
+    def flip_config(self) -> FlipConfig:
+        """The flip policy's thresholds."""
+        return FlipConfig.model_validate({**self.flip_options, "flip_idle_s": self.flip_idle_s})
 
     @field_validator("predictor")
     @classmethod

@@ -91,12 +91,16 @@ class PrefillResult:
     """The output-length prediction made beside the prefill; None if late or failed."""
 
 
+InstanceState = Literal["active", "draining", "flipping"]
+InstanceRole = Literal["prefill", "decode"]
+
+
 @dataclass(frozen=True)
 class InstanceLoad:
     """One instance's load, as its actor reports it to the scheduler."""
 
     instance_id: str
-    role: Literal["prefill", "decode"]
+    role: InstanceRole
     ready: bool
     num_waiting_reqs: int = 0
     num_running_reqs: int = 0
@@ -107,6 +111,18 @@ class InstanceLoad:
     """The Ray node the instance runs on (None outside Ray)."""
     pid: int | None = None
     """The instance's process (it changes when Ray restarts a dead instance)."""
+    state: InstanceState = "active"
+    """Whether the scheduler gives it work: active, draining (finishing what it holds, no
+    new work) or flipping (draining before it changes role)."""
+    num_free_kv_tokens: int | None = None
+    """Free KV cache in tokens as of its engine's last step (None before one)."""
+    num_heavy_reqs: int = 0
+    """Decodes running here whose predicted output is heavy (above the threshold)."""
+    num_light_reqs: int = 0
+    num_predicted_decode_tokens: int = 0
+    """Predicted output tokens its running decodes still have to generate."""
+    prefill_queue_delay_s: float = 0.0
+    """How long the prompts it started most recently waited in its prefill queue."""
 
 
 @dataclass(frozen=True)
@@ -156,6 +172,15 @@ class BackendUnavailableError(RuntimeError):
     retry later; any other exception from the backend becomes a 500."""
 
 
+class UnknownInstanceError(LookupError):
+    """An admin call named an instance the cluster does not have (the api answers 404)."""
+
+
+class RoleChangeError(RuntimeError):
+    """A drain or flip that cannot be done now, e.g. it would leave a role with no
+    instance taking work (the api answers 409 with this message)."""
+
+
 class Backend(Protocol):
     """What the HTTP api needs from the serving runtime (a real cluster or a test fake)."""
 
@@ -179,4 +204,26 @@ class Backend(Protocol):
 
     async def prediction_stats(self) -> PredictionStats:
         """Called by GET /metrics: output-length prediction counters of the cluster."""
+        ...
+
+    async def instances(self) -> tuple[InstanceLoad, ...]:
+        """Called by GET /admin/instances: every instance with its role, state and load."""
+        ...
+
+    async def drain(self, instance_id: str) -> InstanceLoad:
+        """Stop giving the instance new work; what it holds finishes. Raises
+        UnknownInstanceError, or RoleChangeError when it is its role's last active one."""
+        ...
+
+    async def resume(self, instance_id: str) -> InstanceLoad:
+        """Give a drained instance work again. Raises UnknownInstanceError, or
+        RoleChangeError while it is flipping."""
+        ...
+
+    async def flip(self, instance_id: str, role: InstanceRole | None = None) -> InstanceLoad:
+        """Start changing the instance's role (to `role`, default the other one): it drains,
+        then takes the new role without an engine restart. Returns at once with state
+        "flipping" (or the finished state if it was already idle). Raises
+        UnknownInstanceError, or RoleChangeError (already in that role, already flipping,
+        or its role would be left with no active instance)."""
         ...

@@ -50,6 +50,7 @@ def run(argv: list[str]) -> int:
     (["--kv-lease-s", "0"], "--kv-lease-s"),
     (["--engine-arg", "model=x"], "--engine-arg"),
     (["--engine-arg", "max_num_seqs"], "--engine-arg"),
+    (["--admin-token", ""], "--admin-token"),
 ])
 def test_invalid_option_exits_2_naming_it(args: list[str], named: str, served: list[ServeConfig],
                                            capsys: pytest.CaptureFixture[str]) -> None:
@@ -111,6 +112,21 @@ def test_flags_override_the_config_file(tmp_path: Path, served: list[ServeConfig
     assert (config.num_prefill, config.num_decode, config.port) == (3, 4, 9000)
     assert config.engine_args == {"max_num_seqs": 8, "enforce_eager": True}
     assert config.cache_dir == tmp_path
+
+
+def test_admin_token_comes_from_the_flag_else_the_environment(
+    served: list[ServeConfig], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("SHUFFLEINFER_ADMIN_TOKEN", "from-env")
+    assert run(["serve", "--admin-token", "from-flag"]) == 0
+    assert run(["serve"]) == 0
+    flagged, unflagged = served
+    assert flagged.admin_token == "from-flag"
+    assert shuffleinfer.serve.admin_token(flagged) == "from-flag"
+    assert unflagged.admin_token is None
+    assert shuffleinfer.serve.admin_token(unflagged) == "from-env"
+    monkeypatch.delenv("SHUFFLEINFER_ADMIN_TOKEN")
+    assert shuffleinfer.serve.admin_token(unflagged) is None
 
 
 def test_every_serve_option_is_documented(capsys: pytest.CaptureFixture[str]) -> None:

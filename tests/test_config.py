@@ -43,7 +43,7 @@ def test_engine_args_flags_add_to_the_files_engine_args(tmp_path: Path) -> None:
 def test_config_written_as_yaml_loads_back_equal(tmp_path: Path) -> None:
     config = ServeConfig.model_validate({
         "num_prefill": 2, "dtype": "float32", "cache_dir": tmp_path / "models",
-        "engine_args": {"max_num_seqs": 4}, "api_key": "secret"})
+        "engine_args": {"max_num_seqs": 4}, "api_key": "secret", "admin_token": "admin"})
     path = write_yaml(tmp_path, config.model_dump(mode="json"))
     assert load_config(path, {}) == config
 

@@ -11,17 +11,16 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import secrets
 import time
 from contextlib import aclosing
-from typing import Any, TypeVar
+from typing import Any
 
 from fastapi import APIRouter, Depends, FastAPI, Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST
-from pydantic import BaseModel, ValidationError
 
-from shuffleinfer.api.errors import APIError, from_pydantic, install_error_handlers
+from shuffleinfer.api.admin import AdminRoutes
+from shuffleinfer.api.errors import check_bearer, install_error_handlers, parse_body
 from shuffleinfer.api.generation import Generation, cancel_on_disconnect
 from shuffleinfer.api.metrics import ApiMetrics
 from shuffleinfer.api.openai_models import ChatCompletionRequest, CompletionRequest
@@ -33,8 +32,6 @@ from shuffleinfer.protocol import Backend, GenerateRequest
 
 logger = logging.getLogger(__name__)
 
-ModelT = TypeVar("ModelT", bound=BaseModel)
-
 COMPLETIONS = "/v1/completions"
 CHAT_COMPLETIONS = "/v1/chat/completions"
 MODELS = "/v1/models"
@@ -43,14 +40,6 @@ COUNTED_ENDPOINTS = (COMPLETIONS, CHAT_COMPLETIONS, MODELS)
 
 CLIENT_CLOSED_REQUEST = 499
 """Status of the (unread) response to a client that disconnected, as nginx logs it."""
-
-
-def parse_body(model: type[ModelT], raw: bytes) -> ModelT:
-    """Parse a JSON body into `model`; malformed or invalid input is a 400 `APIError`."""
-    try:
-        return model.model_validate_json(raw)
-    except ValidationError as e:
-        raise from_pydantic(e) from e
 
 
 def endpoint_label(request: Request) -> str:
@@ -76,12 +65,8 @@ class Server:
         """FastAPI dependency of /v1/*: 401 unless `Authorization: Bearer <api_key>`."""
         if self.api_key is None:
             return
-        scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not secrets.compare_digest(
-            token.strip().encode(), self.api_key.encode()
-        ):
-            raise APIError(401, "Invalid or missing API key: send `Authorization: Bearer "
-                                "<key>`.")
+        check_bearer(request, self.api_key,
+                     "Invalid or missing API key: send `Authorization: Bearer <key>`.")
 
     async def completions(self, request: Request) -> Response:
         """POST /v1/completions."""
@@ -184,13 +169,19 @@ class Server:
 
 
 def create_app(
-    backend: Backend, *, served_model_name: str | None = None, api_key: str | None = None
+    backend: Backend,
+    *,
+    served_model_name: str | None = None,
+    api_key: str | None = None,
+    admin_token: str | None = None,
 ) -> FastAPI:
     """Build the OpenAI-compatible app serving `backend`.
 
     `served_model_name` is the name clients use (default: `backend.model_name`, which is
     accepted too). With `api_key` set, /v1/* needs `Authorization: Bearer <api_key>`;
-    /health and /metrics stay open. The app's metrics live in `app.state.metrics`.
+    /health and /metrics stay open. /admin/* needs `Authorization: Bearer <admin_token>`
+    and answers 403 without an `admin_token` (see `admin.py`); neither secret opens the
+    other's routes. The app's metrics live in `app.state.metrics`.
     """
     server = Server(backend, served_model_name or backend.model_name, api_key)
     app = FastAPI(title="ShuffleInfer", summary="OpenAI-compatible LLM serving")
@@ -205,6 +196,7 @@ def create_app(
     v1.add_api_route(CHAT_COMPLETIONS, server.chat_completions, methods=["POST"])
     v1.add_api_route(MODELS, server.models, methods=["GET"])
     app.include_router(v1)
+    app.include_router(AdminRoutes(backend, admin_token, server.metrics).router())
     app.add_api_route("/health", server.health, methods=["GET"])
     app.add_api_route("/metrics", server.prometheus, methods=["GET"])
     return app

@@ -8,23 +8,28 @@ comes from request validation, a handler, an unknown route, or the backend mid-s
 from __future__ import annotations
 
 import logging
+import secrets
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 from pydantic_core import ErrorDetails
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 logger = logging.getLogger(__name__)
 
+ModelT = TypeVar("ModelT", bound=BaseModel)
+
 ERROR_TYPES: dict[int, str] = {
     400: "invalid_request_error",
     401: "authentication_error",
+    403: "permission_error",
     404: "not_found_error",
     405: "invalid_request_error",
+    409: "conflict_error",
     500: "server_error",
     503: "service_unavailable_error",
 }
@@ -44,11 +49,15 @@ class APIError(Exception):
         return error_body(self.status_code, self.message, param=self.param)
 
 
+def error_type(status_code: int) -> str:
+    """The OpenAI error `type` of `status_code`."""
+    return ERROR_TYPES.get(status_code, "server_error" if status_code >= 500 else
+                           "invalid_request_error")
+
+
 def error_body(status_code: int, message: str, *, param: str | None = None) -> dict[str, Any]:
     """Build the OpenAI-style error body for `status_code`."""
-    error_type = ERROR_TYPES.get(status_code, "server_error" if status_code >= 500 else
-                                 "invalid_request_error")
-    return {"error": {"message": message, "type": error_type, "param": param,
+    return {"error": {"message": message, "type": error_type(status_code), "param": param,
                       "code": status_code}}
 
 
@@ -82,6 +91,23 @@ def from_validation_errors(errors: list[ErrorDetails], *, from_fastapi: bool = F
 def from_pydantic(error: ValidationError) -> APIError:
     """A 400 for a pydantic ValidationError raised while parsing a request body."""
     return from_validation_errors(error.errors(include_url=False))
+
+
+def parse_body(model: type[ModelT], raw: bytes) -> ModelT:
+    """Parse a JSON body into `model`; malformed or invalid input is a 400 `APIError`."""
+    try:
+        return model.model_validate_json(raw)
+    except ValidationError as e:
+        raise from_pydantic(e) from e
+
+
+def check_bearer(request: Request, secret: str, message: str) -> None:
+    """401 with `message` unless the request carries `Authorization: Bearer <secret>`."""
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    # compare_digest: the time taken must not tell how much of a guess was right.
+    if scheme.lower() != "bearer" or not secrets.compare_digest(token.strip().encode(),
+                                                                secret.encode()):
+        raise APIError(401, message)
 
 
 def install_error_handlers(

@@ -75,11 +75,19 @@ class ApiMetrics:
         self.kv_stats_errors = Counter("shuffleinfer_kv_stats_errors", "Scrapes on which "
                                        "backend.kv_stats() failed (KV metrics left stale)",
                                        registry=r)
+        self.admin_actions = Counter("shuffleinfer_admin_actions", "Admin calls by action "
+                                     "(list, drain, resume, flip) and outcome (ok, or the "
+                                     "error type of the refusal)", ["action", "outcome"],
+                                     registry=r)
         self._kv_seen = KVTransferStats()
 
     def count_request(self, endpoint: str, status: int | str) -> None:
         """Count one finished request; call exactly once per request."""
         self.requests.labels(endpoint=endpoint, status=str(status)).inc()
+
+    def count_admin_action(self, action: str, outcome: str) -> None:
+        """Count one admin call, answered or refused; call exactly once per call."""
+        self.admin_actions.labels(action=action, outcome=outcome).inc()
 
     def start_request(self, arrived_at: float) -> RequestMetrics:
         """Begin per-request timing; `arrived_at` is a `clock()` reading."""

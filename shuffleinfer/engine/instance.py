@@ -9,7 +9,11 @@ Life of a request across two instances:
    params; the connector pulls the KV, and vLLM computes only the new positions. Deltas
    stream back to the caller as they come.
 Roles are a matter of which method is called: every engine loads the same connector with
-`kv_role="kv_both"`, so an instance can change role without restarting.
+`kv_role="kv_both"`, so an instance can change role without restarting (`set_role` only
+changes what it reports).
+Prompts wait in the instance's own `PrefillQueue` (policy order, about one chunk ahead of
+the engine); decodes wait in its `DecodeGate` (admission policy) before the engine sees
+them. Both follow the engine's steps through its stat logger.
 """
 
 from __future__ import annotations
@@ -24,6 +28,8 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from shuffleinfer.engine import sampling
+from shuffleinfer.engine.decode_gate import DecodeGate
+from shuffleinfer.engine.prefill_queue import PrefillQueue
 from shuffleinfer.engine.stats import EngineStatsCollector
 from shuffleinfer.predictor.site import PredictionSite, SiteStats
 from shuffleinfer.protocol import (
@@ -32,6 +38,12 @@ from shuffleinfer.protocol import (
     KVTransferStats,
     PrefillResult,
     TokenDelta,
+)
+from shuffleinfer.scheduler.policies.admission import make_admission_policy
+from shuffleinfer.scheduler.policies.placement import PlacementConfig, is_heavy
+from shuffleinfer.scheduler.policies.prefill_order import (
+    PrefillOrderConfig,
+    make_prefill_order_policy,
 )
 from shuffleinfer.scheduler.predictors import make_predictor
 
@@ -63,6 +75,14 @@ class InstanceSpec:
     engine_args: dict[str, Any] = field(default_factory=dict)
     predictor: str | None = None
     """Output-length predictor run beside each prefill (a registry name); None: none."""
+    prefill_order: str = "fcfs"
+    """Order of the instance's prefill queue (fcfs, sjf, ljf)."""
+    sched_window: int = 16
+    """Prompts are reordered within windows of this many arrivals."""
+    admission: str = "greedy"
+    """Decode admission policy (greedy, reserve_static, reserve_dynamic)."""
+    heavy_threshold_tokens: int = 128
+    """A decode predicted to output more than this is heavy (as the scheduler counts)."""
 
 
 @dataclass(frozen=True)
@@ -136,9 +156,13 @@ class EngineInstance:
         self.node_id = node_id
         self._engine: Any = None
         self._info: EngineInfo | None = None
-        self._stats = EngineStatsCollector()
+        self._stats = EngineStatsCollector(on_step=self._on_step)
         self._num_inflight = 0
-        self._queued_prompt_tokens = 0
+        order = make_prefill_order_policy(spec.prefill_order,
+                                          PrefillOrderConfig(sched_window=spec.sched_window))
+        self._queue = PrefillQueue(order, spec.chunk_size)
+        self._gate = DecodeGate(make_admission_policy(spec.admission))
+        self._placement = PlacementConfig(heavy_threshold_tokens=spec.heavy_threshold_tokens)
         self._site = PredictionSite(make_predictor(spec.predictor) if spec.predictor else None)
 
     async def start(self) -> EngineInfo:
@@ -156,6 +180,8 @@ class EngineInstance:
             # vLLM's errors do not always pickle; the caller needs a readable reason.
             raise RuntimeError(f"{self.spec.instance_id}: engine failed to start: {e}") from None
         max_len = int(self._engine.model_config.max_model_len)
+        cache = self._engine.vllm_config.cache_config
+        self._gate.set_capacity(int(cache.num_gpu_blocks or 0), int(cache.block_size))
         logger.info("%s ready (%s, max_model_len %d)", self.spec.instance_id,
                     self.spec.role, max_len)
         host = self.spec.kv_advertise_host or self.spec.kv_host or ""
@@ -194,19 +220,19 @@ class EngineInstance:
         params = sampling.prefill_params(req.sampling, transfer_id)
         num_top = req.sampling.logprobs or 0
         self._num_inflight += 1
-        self._queued_prompt_tokens += len(req.prompt_token_ids)
         deltas: list[TokenDelta] = []
         kv_params = None
         num_cached = 0
         try:
-            async for out in engine.generate({"prompt_token_ids": list(req.prompt_token_ids)},
-                                             params, request_id=req.req_id):
-                deltas.append(sampling.to_delta(out, num_top))
-                kv_params = out.kv_transfer_params or kv_params
-                num_cached = out.num_cached_tokens or num_cached
+            async with self._queue.admitted(req.req_id, len(req.prompt_token_ids)):
+                async for out in engine.generate(
+                        {"prompt_token_ids": list(req.prompt_token_ids)}, params,
+                        request_id=req.req_id):
+                    deltas.append(sampling.to_delta(out, num_top))
+                    kv_params = out.kv_transfer_params or kv_params
+                    num_cached = out.num_cached_tokens or num_cached
         finally:
             self._num_inflight -= 1
-            self._queued_prompt_tokens -= len(req.prompt_token_ids)
         first = _merge(deltas, prefill_instance=self.spec.instance_id)
         if first.finish_reason == "length" and wants_decode:
             first = dataclasses.replace(first, finish_reason=None)
@@ -227,9 +253,13 @@ class EngineInstance:
         num_top = req.sampling.logprobs or 0
         self._num_inflight += 1
         try:
-            async for out in engine.generate({"prompt_token_ids": prompt}, params,
-                                             request_id=req.req_id):
-                yield sampling.to_delta(out, num_top, decode_instance=self.spec.instance_id)
+            async with self._gate.admitted(req.req_id, len(prompt), prefill.prediction) as slot:
+                async for out in engine.generate({"prompt_token_ids": prompt}, params,
+                                                 request_id=req.req_id):
+                    delta = sampling.to_delta(out, num_top,
+                                              decode_instance=self.spec.instance_id)
+                    slot.num_generated += len(delta.token_ids)
+                    yield delta
         finally:
             self._num_inflight -= 1
 
@@ -248,19 +278,38 @@ class EngineInstance:
         if self._engine is not None:
             await self._engine.abort(req_id)
 
+    def set_role(self, role: Role) -> None:
+        """Called when the instance flips: from now on it reports `role`. Nothing else
+        changes: the scheduler decides which legs it gets."""
+        logger.warning("%s changes role %s -> %s", self.spec.instance_id, self.spec.role, role)
+        self.spec = dataclasses.replace(self.spec, role=role)
+
+    def _on_step(self, scheduler_stats: Any) -> None:
+        self._queue.on_step()
+        self._gate.on_step(float(scheduler_stats.kv_cache_usage))
+
     def load(self) -> InstanceLoad:
-        """Current load, for the scheduler and /health."""
+        """Current load, for the cluster monitor and /health."""
         sched = self._stats.latest
+        decodes = list(self._gate.running.values())
+        predicted = [s.prediction for s in decodes if s.prediction is not None]
+        heavy = sum(is_heavy(p, self._placement) for p in predicted)
         return InstanceLoad(
             instance_id=self.spec.instance_id,
             role="decode" if self.spec.role == "decode" else "prefill",
             ready=self._engine is not None,
-            num_waiting_reqs=sched.num_waiting_reqs if sched else 0,
+            num_waiting_reqs=self._queue.num_waiting + self._gate.num_waiting
+            + (sched.num_waiting_reqs if sched else 0),
             num_running_reqs=self._num_inflight,
-            num_queued_prompt_tokens=self._queued_prompt_tokens,
+            num_queued_prompt_tokens=self._queue.num_queued_tokens,
             kv_cache_usage=sched.kv_cache_usage if sched else 0.0,
             node_id=self.node_id,
             pid=os.getpid(),
+            num_free_kv_tokens=self._gate.free_kv_tokens(),
+            num_heavy_reqs=heavy,
+            num_light_reqs=len(predicted) - heavy,
+            num_predicted_decode_tokens=sum(s.num_predicted_remaining for s in decodes),
+            prefill_queue_delay_s=max(self._queue.recent_delay_s, self._queue.oldest_wait_s()),
         )
 
     def kv_stats(self) -> KVTransferStats:

@@ -3,6 +3,7 @@ the latest scheduler snapshot (load) and the KV connector's transfer counters.""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from vllm.v1.metrics.loggers import StatLoggerBase
@@ -20,6 +21,8 @@ class _Logger(StatLoggerBase):
         if scheduler_stats is None:
             return
         self._collector.latest = scheduler_stats
+        if self._collector.on_step is not None:
+            self._collector.on_step(scheduler_stats)
         if scheduler_stats.kv_connector_stats:
             self._collector.kv.aggregate(
                 ShuffleKVStats.from_dict(scheduler_stats.kv_connector_stats))
@@ -31,8 +34,10 @@ class _Logger(StatLoggerBase):
 class EngineStatsCollector:
     """Owned by an EngineInstance; vLLM calls `factory` once per engine core."""
 
-    def __init__(self) -> None:
+    def __init__(self, on_step: Callable[[Any], None] | None = None) -> None:
         self.latest: Any = None
+        self.on_step = on_step
+        """Called with the scheduler stats after every engine step (in the engine's loop)."""
         self.kv = ShuffleKVStats()
 
     def factory(self, vllm_config: Any, engine_index: int = 0) -> StatLoggerBase:

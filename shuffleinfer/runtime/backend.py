@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from typing import Any
 
 import ray
@@ -29,12 +28,18 @@ from shuffleinfer.protocol import (
     GenerateRequest,
     HealthReport,
     InstanceLoad,
+    InstanceRole,
     KVTransferStats,
     PredictionStats,
     PrefillResult,
+    RoleChangeError,
     TokenDelta,
+    UnknownInstanceError,
 )
+from shuffleinfer.runtime.handles import ClusterHandles
+from shuffleinfer.runtime.monitor import ClusterMonitor, gather_loads, with_roles
 from shuffleinfer.runtime.stop_boundary import StopBoundary
+from shuffleinfer.scheduler.global_scheduler import NoInstanceError
 from shuffleinfer.scheduler.prediction import PredictorInput
 
 logger = logging.getLogger(__name__)
@@ -47,31 +52,18 @@ def _predictor_input(request: GenerateRequest) -> PredictorInput | None:
         logger.warning("no output-length prediction for %s: %s", request.req_id, e)
         return None
 
-_HEALTH_TIMEOUT_S = 5.0
 _WATCH_INTERVAL_S = 2.0
-
-
-@dataclass
-class ClusterHandles:
-    """The actors of a running cluster, by instance id."""
-
-    scheduler: Any
-    prefill: dict[str, Any]
-    decode: dict[str, Any]
-    kv_auth_token: str | None = None
-    """The deployment's KV secret: the api needs it to release a lease early."""
-
-    @property
-    def instances(self) -> dict[str, Any]:
-        return self.prefill | self.decode
 
 
 class RayBackend:
     """Orchestrates each request's two legs over the cluster's actors."""
 
     def __init__(self, handles: ClusterHandles, *, model_name: str, max_model_len: int,
-                 tokenizer: Any, predictor_push_s: float | None = None) -> None:
+                 tokenizer: Any, predictor_push_s: float | None = None,
+                 monitor_interval_s: float = 0.1) -> None:
         self.handles = handles
+        self.monitor = ClusterMonitor(handles, monitor_interval_s)
+        self._monitor_task: asyncio.Future[None] | None = None
         self.predictor_push_s = predictor_push_s
         """Seconds between model pushes from the learner to the instances (None: never)."""
         self._pushed_version = 0
@@ -128,6 +120,10 @@ class RayBackend:
                     return
         except RayActorError as e:
             raise BackendUnavailableError(f"an instance serving {req_id} died: {e}") from e
+        except ray.exceptions.RayTaskError as e:
+            if isinstance(e.cause, NoInstanceError):
+                raise BackendUnavailableError(str(e.cause)) from None
+            raise
         finally:
             if not finished:
                 self._spawn(self._abort(req_id, prefill_actor, prefill_ref, prefill,
@@ -157,7 +153,7 @@ class RayBackend:
         """Cancel the background tasks (predictor pushes, the instance watcher, aborts).
         Called before the engines are stopped: the watcher would otherwise take an engine
         being shut down for one Ray restarted, and start it again."""
-        for task in (self._watcher, self._pusher, *self._background):
+        for task in (self._watcher, self._pusher, self._monitor_task, *self._background):
             if task is not None:
                 task.cancel()
 
@@ -166,6 +162,8 @@ class RayBackend:
             self._pusher = asyncio.ensure_future(self._push_predictor_forever())
         if self._watcher is None:
             self._watcher = asyncio.ensure_future(self._watch_instances_forever())
+        if self._monitor_task is None:
+            self._monitor_task = asyncio.ensure_future(self.monitor.run_forever())
 
     async def _watch_instances_forever(self) -> None:
         """Every few seconds, start the engine of any instance that is alive but not
@@ -231,16 +229,27 @@ class RayBackend:
 
     async def health(self) -> HealthReport:
         self._start_background()
+        loads = await with_roles(self.handles, await gather_loads(self.handles))
+        return HealthReport(ready=all(x.ready for x in loads), instances=loads)
 
-        async def load(instance_id: str, actor: Any) -> InstanceLoad:
-            try:
-                return await asyncio.wait_for(actor.load.remote(), _HEALTH_TIMEOUT_S)
-            except (RayActorError, TimeoutError):
-                role = "prefill" if instance_id in self.handles.prefill else "decode"
-                return InstanceLoad(instance_id, role, ready=False)  # type: ignore[arg-type]
+    async def instances(self) -> tuple[InstanceLoad, ...]:
+        return (await self.health()).instances
 
-        loads = await asyncio.gather(*(load(i, a) for i, a in self.handles.instances.items()))
-        return HealthReport(ready=all(x.ready for x in loads), instances=tuple(loads))
+    async def drain(self, instance_id: str) -> InstanceLoad:
+        await _admin(self.handles.scheduler.drain.remote(instance_id))
+        return await self._load_of(instance_id)
+
+    async def resume(self, instance_id: str) -> InstanceLoad:
+        await _admin(self.handles.scheduler.resume.remote(instance_id))
+        return await self._load_of(instance_id)
+
+    async def flip(self, instance_id: str, role: InstanceRole | None = None) -> InstanceLoad:
+        await _admin(self.handles.scheduler.flip.remote(instance_id, role))
+        await self.monitor.tick()  # an instance that holds nothing flips at once
+        return await self._load_of(instance_id)
+
+    async def _load_of(self, instance_id: str) -> InstanceLoad:
+        return next(x for x in await self.instances() if x.instance_id == instance_id)
 
     async def kv_stats(self) -> KVTransferStats:
         replies = await asyncio.gather(
@@ -255,3 +264,13 @@ class RayBackend:
             num_failures=sum(s.num_failures for s in stats),
             num_bytes=sum(s.num_bytes for s in stats),
             seconds=tuple(x for s in stats for x in s.seconds))
+
+
+async def _admin(call: Any) -> Any:
+    """Await a scheduler admin call, raising its own refusal (not Ray's wrapper)."""
+    try:
+        return await call
+    except ray.exceptions.RayTaskError as e:
+        if isinstance(e.cause, (UnknownInstanceError, RoleChangeError)):
+            raise e.cause from None
+        raise

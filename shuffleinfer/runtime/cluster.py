@@ -12,10 +12,12 @@ from typing import Any
 import ray
 
 from shuffleinfer.config import ServeConfig
+from shuffleinfer.engine.calibration import resolved_chunk_size
 from shuffleinfer.engine.instance import EngineInfo, InstanceSpec, Role
 from shuffleinfer.runtime.actors import InstanceActor, SchedulerActor
-from shuffleinfer.runtime.backend import ClusterHandles
+from shuffleinfer.runtime.handles import ClusterHandles
 from shuffleinfer.runtime.placement import gpu_engine_args, instance_placement, ray_options
+from shuffleinfer.scheduler.policies.placement import PlacementConfig
 
 logger = logging.getLogger(__name__)
 
@@ -66,12 +68,14 @@ def instance_specs(config: ServeConfig, model_path: str, gpu: bool,
         placement = instance_placement(config, role, index, gpu)
         specs.append(InstanceSpec(
             instance_id=f"{role}-{n}", role=role, model=model_path,
-            chunk_size=config.chunk_size, dtype=engine_dtype(config, gpu),
+            chunk_size=resolved_chunk_size(config)[0], dtype=engine_dtype(config, gpu),
             max_model_len=config.max_model_len, kv_host=kv_bind_host(config),
             kv_lease_s=config.kv_lease_s, kv_transport=config.kv_transport,
             kv_auth_token=kv_auth_token,
             engine_args={**gpu_engine_args(placement), **config.engine_args},
-            predictor=config.predictor))
+            predictor=config.predictor, prefill_order=config.prefill_order,
+            sched_window=config.sched_window, admission=config.admission,
+            heavy_threshold_tokens=config.heavy_threshold_tokens))
     return specs
 
 
@@ -92,7 +96,9 @@ async def launch(config: ServeConfig, model_path: str) -> tuple[ClusterHandles, 
     scheduler = SchedulerActor.options(num_cpus=0).remote(
         [s.instance_id for s in specs if s.role == "prefill"],
         [s.instance_id for s in specs if s.role == "decode"],
-        config.prefill_policy, config.decode_policy)
+        config.prefill_policy, config.decode_policy,
+        placement_config=PlacementConfig(heavy_threshold_tokens=config.heavy_threshold_tokens),
+        flip_policy=config.flip_policy, flip_config=config.flip_config())
     await scheduler.start_learner.remote(  # type: ignore[attr-defined]
         config.predictor, config.predictor_state)
     handles = ClusterHandles(

@@ -29,8 +29,9 @@ from ray.serve import Application
 
 from shuffleinfer.config import ServeConfig, load_config
 from shuffleinfer.model import resolve_model
-from shuffleinfer.runtime.backend import ClusterHandles, RayBackend
+from shuffleinfer.runtime.backend import RayBackend
 from shuffleinfer.runtime.cluster import shutdown
+from shuffleinfer.runtime.handles import ClusterHandles
 from shuffleinfer.serve import start_app
 
 logger = logging.getLogger(__name__)

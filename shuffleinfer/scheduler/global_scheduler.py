@@ -7,6 +7,13 @@ A request's life in the request table:
   (aborted, failed, or done after its first token).
 It only decides and counts: tokens never pass through it. Ray-free; the runtime wraps it
 in a one-line actor.
+
+Placement runs here, not on the prefill instances as in the paper: the cluster monitor
+(in the api process, every `monitor_interval_ms`) brings every instance's load to
+`on_monitor`, and both legs are placed by one object that also counts its own placements
+since the last report. Two prefill instances placing decodes at once from the same
+broadcast would both pick the emptiest decode instance; one placer never does, and the
+same policy object runs here, in the simulator and in tests.
 """
 
 from __future__ import annotations
@@ -14,11 +21,15 @@ from __future__ import annotations
 import enum
 import logging
 import random
+import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from shuffleinfer.protocol import InstanceLoad, InstanceState
 from shuffleinfer.scheduler.learner import Learner, LearnerStats
+from shuffleinfer.scheduler.policies.flip import FlipConfig, Role, make_flip_policy
 from shuffleinfer.scheduler.policies.placement import (
     PREFILL_PLACEMENT_POLICIES,
     InstanceView,
@@ -30,6 +41,7 @@ from shuffleinfer.scheduler.policies.placement import (
 )
 from shuffleinfer.scheduler.policies.registry import lookup
 from shuffleinfer.scheduler.prediction import Prediction, PredictorInput
+from shuffleinfer.scheduler.roles import RoleChange, Roster
 
 logger = logging.getLogger(__name__)
 
@@ -54,7 +66,7 @@ class RequestEntry:
 
 
 class NoInstanceError(RuntimeError):
-    """No instance of the needed role is available."""
+    """No instance of the needed role takes work now."""
 
 
 class GlobalScheduler:
@@ -63,12 +75,17 @@ class GlobalScheduler:
     def __init__(self, prefill_ids: list[str], decode_ids: list[str],
                  prefill_policy: str = "least_load", decode_policy: str = "least_load",
                  placement_config: PlacementConfig | None = None,
-                 rng: random.Random | None = None, learner: Learner | None = None) -> None:
+                 rng: random.Random | None = None, learner: Learner | None = None,
+                 flip_policy: str = "never", flip_config: FlipConfig | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         if not prefill_ids or not decode_ids:
             raise ValueError("need at least one prefill and one decode instance")
         lookup(PREFILL_PLACEMENT_POLICIES, prefill_policy, "prefill placement policy")
-        self._prefill_ids = list(prefill_ids)
-        self._decode_ids = list(decode_ids)
+        self.roster = Roster(prefill_ids, decode_ids,
+                             make_flip_policy(flip_policy, clock, flip_config), clock)
+        self._reports: dict[str, InstanceLoad] = {}
+        self._placed_kv: Counter[str] = Counter()
+        """KV tokens of decodes placed on each instance since its last report."""
         self._config = placement_config or PlacementConfig()
         rng = rng or random.Random()
         self._prefill_policy = make_placement_policy(prefill_policy, self._config, rng)
@@ -80,7 +97,6 @@ class GlobalScheduler:
         """The cluster's output-length learner (None: decodes are placed unpredicted)."""
 
     def _views(self, ids: list[str]) -> list[InstanceView]:
-        # Free KV is not known here yet: the cluster monitor will report it.
         running = dict.fromkeys(ids, 0)
         queued = dict.fromkeys(ids, 0)
         heavy = dict.fromkeys(ids, 0)
@@ -96,9 +112,21 @@ class GlobalScheduler:
                     counts = heavy if is_heavy(e.prediction, self._config) else light
                     counts[e.decode_id] += 1
                     decode_tokens[e.decode_id] += e.prediction.point
-        return [InstanceView(i, running[i], queued[i], num_heavy_reqs=heavy[i],
-                             num_light_reqs=light[i],
+        return [InstanceView(i, running[i], queued[i], num_free_kv_tokens=self._free_kv(i),
+                             num_heavy_reqs=heavy[i], num_light_reqs=light[i],
                              num_predicted_decode_tokens=decode_tokens[i]) for i in ids]
+
+    def _free_kv(self, instance_id: str) -> int | None:
+        report = self._reports.get(instance_id)
+        if report is None or report.num_free_kv_tokens is None:
+            return None
+        return max(report.num_free_kv_tokens - self._placed_kv[instance_id], 0)
+
+    def _candidates(self, role: Role) -> list[str]:
+        ids = self.roster.active(role)
+        if not ids:
+            raise NoInstanceError(f"no {role} instance takes work now")
+        return ids
 
     def _decided(self, req_id: str, decision: PlacementDecision) -> str:
         if decision.fallback is not None:
@@ -114,7 +142,7 @@ class GlobalScheduler:
         if req_id in self._table:
             raise ValueError(f"request {req_id} is already scheduled")
         decision = self._prefill_policy.place(PlacementRequest(req_id, num_prompt_tokens),
-                                              self._views(self._prefill_ids))
+                                              self._views(self._candidates("prefill")))
         prefill_id = self._decided(req_id, decision)
         self._table[req_id] = RequestEntry(req_id, num_prompt_tokens, prefill_id,
                                            predictor_input=predictor_input)
@@ -136,8 +164,9 @@ class GlobalScheduler:
         if prediction is None and self.learner is not None and entry.predictor_input:
             prediction = self.learner.fallback(entry.predictor_input)
         request = PlacementRequest(req_id, entry.num_prompt_tokens, prediction)
-        decision = self._decode_policy.place(request, self._views(self._decode_ids))
+        decision = self._decode_policy.place(request, self._views(self._candidates("decode")))
         entry.decode_id = self._decided(req_id, decision)
+        self._placed_kv[entry.decode_id] += entry.num_prompt_tokens + 1
         entry.prediction = prediction
         entry.phase = Phase.DECODING
         return entry.decode_id
@@ -171,8 +200,38 @@ class GlobalScheduler:
             self.learner.save()
 
     def num_inflight(self) -> dict[str, int]:
-        """Requests currently held per instance (prefilling or decoding)."""
-        counts = dict.fromkeys(self._prefill_ids + self._decode_ids, 0)
-        for view in self._views(self._prefill_ids) + self._views(self._decode_ids):
-            counts[view.instance_id] = view.num_running_reqs
+        """Requests currently held per instance (prefilling there, or decoding there)."""
+        counts = dict.fromkeys(self.roster.ids(), 0)
+        for e in self._table.values():
+            if e.phase is Phase.PREFILLING:
+                counts[e.prefill_id] += 1
+            elif e.phase is Phase.DECODING and e.decode_id is not None:
+                counts[e.decode_id] += 1
         return counts
+
+    def on_monitor(self, loads: list[InstanceLoad]) -> list[RoleChange]:
+        """Called by the cluster monitor with every reachable instance's load: placement
+        reads the reported free KV from now on; flips of drained instances finish (the
+        caller tells those instances their new role) and the flip policy may start one."""
+        for load in loads:
+            self._reports[load.instance_id] = load
+            self._placed_kv.pop(load.instance_id, None)
+        reachable = {x.instance_id: x for x in loads if x.ready}
+        return self.roster.on_monitor(reachable, self.num_inflight())
+
+    def roles(self) -> dict[str, tuple[Role, InstanceState]]:
+        """Every instance's role and state."""
+        return {i: (self.roster.role(i), self.roster.state(i)) for i in self.roster.ids()}
+
+    def drain(self, instance_id: str) -> InstanceState:
+        """Admin: no new work for the instance (raises UnknownInstanceError or
+        RoleChangeError)."""
+        return self.roster.drain(instance_id)
+
+    def resume(self, instance_id: str) -> InstanceState:
+        """Admin: a drained instance takes work again."""
+        return self.roster.resume(instance_id)
+
+    def flip(self, instance_id: str, role: Role | None = None) -> InstanceState:
+        """Admin: drain the instance, then change its role (see `Roster`)."""
+        return self.roster.begin_flip(instance_id, role)

@@ -27,10 +27,13 @@ from shuffleinfer.protocol import (
     GenerateRequest,
     HealthReport,
     InstanceLoad,
+    InstanceRole,
     KVTransferStats,
     PredictionStats,
+    RoleChangeError,
     TokenDelta,
     TokenLogprob,
+    UnknownInstanceError,
 )
 
 DEFAULT_MODEL_DIR = Path.home() / ".cache/shuffleinfer/models/SmolLM2-135M-Instruct"
@@ -105,6 +108,15 @@ class FakeBackend:
         self.completed: list[str] = []
         self.aborted: list[str] = []
         """req_ids whose iterator was closed (or cancelled) before it finished."""
+        self.loads: dict[str, InstanceLoad] = {load.instance_id: load for load in (
+            InstanceLoad("prefill-0", "prefill", ready=True, num_waiting_reqs=2,
+                         num_queued_prompt_tokens=300),
+            InstanceLoad("prefill-1", "prefill", ready=True),
+            InstanceLoad("decode-0", "decode", ready=True, num_running_reqs=1,
+                         kv_cache_usage=0.25),
+            InstanceLoad("decode-1", "decode", ready=True),
+        )}
+        """What the admin routes see and change (`health()` does not read it)."""
 
     def deltas_for(self, request: GenerateRequest) -> list[TokenDelta]:
         """The scripted output of `request`."""
@@ -162,6 +174,53 @@ class FakeBackend:
         stats = self.predictions
         self.predictions = dataclasses.replace(stats, abs_errors=(), predict_seconds=())
         return stats
+
+    async def instances(self) -> tuple[InstanceLoad, ...]:
+        """Every instance in `self.loads`."""
+        return tuple(self.loads.values())
+
+    async def drain(self, instance_id: str) -> InstanceLoad:
+        """Mark it draining, unless it is flipping or its role's last active instance."""
+        load = self._load(instance_id)
+        if load.state == "flipping":
+            raise RoleChangeError(f"{instance_id} is flipping")
+        if load.state == "active":
+            self._refuse_if_last_active(load)
+        return self._set(load, state="draining")
+
+    async def resume(self, instance_id: str) -> InstanceLoad:
+        """Mark it active again, unless it is flipping."""
+        load = self._load(instance_id)
+        if load.state == "flipping":
+            raise RoleChangeError(f"{instance_id} is flipping")
+        return self._set(load, state="active")
+
+    async def flip(self, instance_id: str, role: InstanceRole | None = None) -> InstanceLoad:
+        """Mark it flipping (it never finishes here), after the protocol's checks."""
+        load = self._load(instance_id)
+        if role == load.role:
+            raise RoleChangeError(f"{instance_id} already is a {role} instance")
+        if load.state == "flipping":
+            raise RoleChangeError(f"{instance_id} is already flipping")
+        if load.state == "active":
+            self._refuse_if_last_active(load)
+        return self._set(load, state="flipping")
+
+    def _load(self, instance_id: str) -> InstanceLoad:
+        if instance_id not in self.loads:
+            raise UnknownInstanceError(instance_id)
+        return self.loads[instance_id]
+
+    def _refuse_if_last_active(self, load: InstanceLoad) -> None:
+        others = [other for other in self.loads.values() if other.role == load.role
+                  and other.state == "active" and other.instance_id != load.instance_id]
+        if not others:
+            raise RoleChangeError(f"{load.instance_id} is the last active {load.role} "
+                                  "instance")
+
+    def _set(self, load: InstanceLoad, **changes: Any) -> InstanceLoad:
+        self.loads[load.instance_id] = dataclasses.replace(load, **changes)
+        return self.loads[load.instance_id]
 
 
 @pytest.fixture

@@ -152,12 +152,13 @@ def test_shuffle_alpha_reads_the_configured_bound_and_keeps_unreported_instances
 
 def test_heavy_threshold_is_configurable() -> None:
     # A 150-token prediction is heavy by default (> 128), light with a 200 threshold.
-    # Heavy: "mixed" becomes 2:1, "idle" 1:0 (no light to balance it); light: 1:2 vs 0:1.
+    # Heavy: "few" gets its second heavy decode, "diluted" would get its third; light:
+    # "few" becomes 1:1, "diluted" 2:11 (the lower ratio).
     request = PlacementRequest("r", 10, bucketed(150, 1024, 200))
-    candidates = [view("mixed", 2, heavy=1, light=1), view("idle", 0)]
-    assert Shuffle(rng=random.Random(0)).place(request, candidates).instance_id == "mixed"
+    candidates = [view("few", 1, heavy=1, light=0), view("diluted", 12, heavy=2, light=10)]
+    assert Shuffle(rng=random.Random(0)).place(request, candidates).instance_id == "few"
     lenient = Shuffle(PlacementConfig(heavy_threshold_tokens=200), rng=random.Random(0))
-    assert lenient.place(request, candidates).instance_id == "idle"
+    assert lenient.place(request, candidates).instance_id == "diluted"
 
 
 def test_least_load_weighs_queued_tokens_before_running_requests() -> None:

@@ -1,0 +1,30 @@
+"""Argument types shared by the command-line tools (serve, calibrate)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+
+def json_object(text: str) -> dict[str, Any]:
+    """A flag value that is a JSON object, e.g. '{"prefill_pool": 1}'."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"expected a JSON object, got {text!r}: {e}") from e
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object, got {text!r}")
+    return value
+
+
+def engine_arg(text: str) -> tuple[str, Any]:
+    """`--engine-arg KEY=VALUE`: VALUE parsed as JSON when it is JSON, else a string."""
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    try:
+        parsed = json.loads(value)
+    except json.JSONDecodeError:
+        parsed = value
+    return key.replace("-", "_"), parsed
