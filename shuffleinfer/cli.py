@@ -21,6 +21,7 @@ from shuffleinfer.config import ServeConfig, load_config
 from shuffleinfer.engine.calibrate import add_calibrate_parser
 from shuffleinfer.model.cli import add_model_parser
 from shuffleinfer.predictor.cli import add_predictor_parser
+from shuffleinfer.sim.cli import add_simulate_parser
 
 _SERVE_FLAGS: dict[str, Callable[[str], Any]] = {
     "model": str, "served_model_name": str, "host": str, "port": int,
@@ -89,6 +90,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     add_model_parser(subparsers)
     add_predictor_parser(subparsers)
     add_calibrate_parser(subparsers)
+    add_simulate_parser(subparsers)
     args = parser.parse_args(argv)
     return int(args.handler(args))
 

@@ -67,6 +67,10 @@ class Roster:
     def state(self, instance_id: str) -> InstanceState:
         return self._member(instance_id).state
 
+    def flipping(self) -> bool:
+        """Whether any instance is flipping now."""
+        return any(m.state == "flipping" for m in self._members.values())
+
     def active(self, role: Role) -> list[str]:
         """Instances that get new work of `role`."""
         return [i for i, m in self._members.items() if m.role == role and m.state == "active"]

@@ -11,8 +11,9 @@ from __future__ import annotations
 import math
 import random
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from operator import attrgetter
 from typing import ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -73,11 +74,12 @@ def is_heavy(prediction: Prediction, config: PlacementConfig) -> bool:
     return prediction.point > config.heavy_threshold_tokens
 
 
-def load_key(view: InstanceView) -> tuple[int, int, int, str]:
-    """Lower is less loaded: queued prompt tokens, running requests, predicted decode
-    tokens, then the id (a full tie never depends on the candidates' order)."""
-    return (view.num_queued_prompt_tokens, view.num_running_reqs,
-            view.num_predicted_decode_tokens, view.instance_id)
+load_key: Callable[[InstanceView], tuple[int, int, int, str]] = attrgetter(
+    "num_queued_prompt_tokens", "num_running_reqs", "num_predicted_decode_tokens",
+    "instance_id")
+"""Lower is less loaded: queued prompt tokens, running requests, predicted decode tokens,
+then the id (a full tie never depends on the candidates' order). An attrgetter: the
+simulator calls it for every candidate of every placement."""
 
 
 class PlacementPolicy(ABC):

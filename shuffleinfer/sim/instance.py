@@ -1,0 +1,336 @@
+"""One simulated engine: a prefill queue, a decode batch, and the steps it runs.
+
+Every instance can do both kinds of work, like the real engines (roles are the
+scheduler's business): a step takes the decodes it runs (each makes one token) plus, from
+its prefill queue in the order policy's order, prompt slices up to the chunk size (a
+colocated vLLM counts the decodes against the same budget). Its latency comes from the
+cost model.
+
+Steps that only decode are run many at a time ("macro steps") up to the next decode's
+end: with B decodes whose context grows by B per step, n steps take
+`n * u + c * B * n * (n - 1) / 2` (u: the first step, c: seconds per context token), so
+the simulator needs one event per request end rather than one per token. New work that
+arrives during a macro step cuts it at the end of the step in progress, as vLLM would take
+it at its next step.
+
+Accounting for the running decodes is by sums, O(1) per event: a decode that joined at
+step j has made `1 + step - j` tokens (its first came from the prefill).
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from shuffleinfer.scheduler.policies.admission import (
+    AdmissionPolicy,
+    AdmissionSnapshot,
+    RunningDecode,
+    WaitingDecode,
+)
+from shuffleinfer.scheduler.policies.prefill_order import (
+    PrefillOrderPolicy,
+    QueuedPrompt,
+    fill_chunk,
+)
+from shuffleinfer.scheduler.prediction import Prediction
+from shuffleinfer.sim.cost import LinearCost
+
+
+@dataclass(eq=False)
+class SimRequest:
+    """One request's life in the simulator (times in simulated seconds)."""
+
+    index: int
+    arrival_s: float
+    prompt_tokens: int
+    output_tokens: int
+    prediction: Prediction | None = None
+    prefill_id: str | None = None
+    decode_id: str | None = None
+    prefill_started_s: float | None = None
+    first_token_s: float | None = None
+    finished_s: float | None = None
+    join_step: int = 0
+    handover_s: float = 0.0
+
+
+@dataclass
+class _Step:
+    started_s: float
+    ends_s: float
+    steps: int
+    """Engine steps it covers (1 for a step with prompt work)."""
+    first_step_s: float = 0.0
+    growth_s: float = 0.0
+    """Each further step of a macro step costs this much more than the one before."""
+    slices: list[tuple[SimRequest, int]] = field(default_factory=list)
+
+
+class _LazyRunning(Sequence[RunningDecode]):
+    """The running decodes as the admission policy sees them, built only if it looks
+    (greedy and reserve_static never do)."""
+
+    def __init__(self, instance: SimInstance) -> None:
+        self._instance = instance
+        self._items: list[RunningDecode] | None = None
+
+    def _list(self) -> list[RunningDecode]:
+        if self._items is None:
+            self._items = list(self._instance.running_views())
+        return self._items
+
+    def __len__(self) -> int:
+        return len(self._list())
+
+    def __getitem__(self, i: Any) -> Any:
+        return self._list()[i]
+
+    def __iter__(self) -> Iterator[RunningDecode]:
+        return iter(self._list())
+
+
+class SimInstance:
+    """A simulated engine."""
+
+    def __init__(self, instance_id: str, *, chunk_size: int, kv_capacity_tokens: int,
+                 cost: LinearCost, order: PrefillOrderPolicy, admission: AdmissionPolicy,
+                 colocated: bool = False) -> None:
+        self.instance_id = instance_id
+        self.chunk_size = chunk_size
+        self.kv_capacity_tokens = kv_capacity_tokens
+        self.cost = cost
+        self.order = order
+        self.admission = admission
+        self.colocated = colocated
+        self.queue: dict[int, QueuedPrompt] = {}
+        """Waiting prompts in arrival order (dicts keep insertion order)."""
+        self.queued: dict[int, SimRequest] = {}
+        self._started: set[int] = set()
+        """Queued prompts with a chunk done already (the order policy runs them first)."""
+        self._queued_tokens = 0
+        self._arrival_seq = 0
+        self.waiting: list[SimRequest] = []
+        self._joining: list[SimRequest] = []
+        """Admitted during a step: they decode from the step after it."""
+        self._joining_tokens = 0
+        self._running: list[tuple[int, int, SimRequest]] = []  # (finish step, index, req)
+        self.step = 0
+        self._sum_prompt = 0
+        self._sum_join = 0
+        self.current: _Step | None = None
+        self.version = 0
+        """Bumped whenever the scheduled end of the current step changes."""
+        self.busy_s = 0.0
+        self.num_heavy = 0
+        self.num_light = 0
+        self._sum_point = 0
+        """Predicted output of the decodes handed to it (waiting or running)."""
+
+    # --- load, as the monitor and the policies see it ---
+
+    @property
+    def num_running(self) -> int:
+        return len(self._running)
+
+    @property
+    def queued_tokens(self) -> int:
+        return self._queued_tokens
+
+    def context_tokens(self) -> int:
+        """Summed context of the running decodes (what they hold in KV)."""
+        b = len(self._running)
+        return self._sum_prompt + b * (1 + self.step) - self._sum_join
+
+    def free_kv_tokens(self) -> int:
+        held = self.context_tokens() + self._joining_tokens
+        return max(self.kv_capacity_tokens - held, 0)
+
+    def count_decode(self, prediction: Prediction, heavy: bool, sign: int) -> None:
+        """A predicted decode was handed over (+1) or ended (-1)."""
+        self.num_heavy += sign * heavy
+        self.num_light += sign * (not heavy)
+        self._sum_point += sign * prediction.point
+
+    def predicted_remaining_tokens(self) -> int:
+        """Predicted output still to come (in sum: a decode past its prediction offsets
+        others' remainders, which keeps this O(1))."""
+        made = len(self._running) * (1 + self.step) - self._sum_join
+        return max(self._sum_point - made, 0)
+
+    def running_views(self) -> Iterator[RunningDecode]:
+        for _, _, r in self._running:
+            made = 1 + self.step - r.join_step
+            point = r.prediction.point if r.prediction else 0
+            yield RunningDecode(str(r.index), r.prompt_tokens + made, max(point - made, 0))
+
+    def has_work(self) -> bool:
+        return bool(self.queue or self._running or self.waiting or self._joining)
+
+    # --- work arriving ---
+
+    def enqueue_prompt(self, req: SimRequest) -> None:
+        self.queue[req.index] = QueuedPrompt(str(req.index), self._arrival_seq,
+                                             req.prompt_tokens)
+        self.queued[req.index] = req
+        self._arrival_seq += 1
+        self._queued_tokens += req.prompt_tokens
+
+    def admit_decodes(self) -> None:
+        """Let the admission policy start waiting decodes (called when one arrives and
+        after steps that freed KV)."""
+        if not self.waiting:
+            return
+        waiting = [WaitingDecode(str(r.index), r.prompt_tokens + 1,
+                                 r.prediction or Prediction(0, 0, 0, 0), num_output_tokens=0)
+                   for r in self.waiting]
+        free = self.free_kv_tokens()
+        decision = self.admission.schedule(AdmissionSnapshot(waiting, _LazyRunning(self), free))
+        admitted = set(decision.admit)
+        if not admitted and not self._running and not self._joining:
+            admitted = {waiting[0].req_id}  # an idle engine never waits for an estimate
+        if admitted:
+            keep = []
+            for r in self.waiting:
+                if str(r.index) not in admitted:
+                    keep.append(r)
+                elif self.current is None:
+                    self.join_running(r)
+                else:
+                    self._joining.append(r)
+                    self._joining_tokens += r.prompt_tokens + 1
+            self.waiting = keep
+
+    def join_running(self, req: SimRequest) -> None:
+        """`req` decodes from the next step on (its first token is made)."""
+        req.join_step = self.step
+        finish = self.step + req.output_tokens - 1
+        heapq.heappush(self._running, (finish, req.index, req))
+        self._sum_prompt += req.prompt_tokens
+        self._sum_join += req.join_step
+
+    # --- steps ---
+
+    def start_step(self, now: float) -> _Step | None:
+        """Plan the next step (or macro step) from `now`; None when there is no work."""
+        budget = self.chunk_size - (len(self._running) if self.colocated else 0)
+        slices: list[tuple[SimRequest, int]] = []
+        tokens, attn = 0, 0.0
+        if self.queue and budget > 0:
+            for s in fill_chunk(self.order.order(self._candidates(budget)), budget):
+                index = int(s.req_id)
+                done = self.queue[index].num_computed_tokens
+                slices.append((self.queued[index], s.num_tokens))
+                tokens += s.num_tokens
+                attn += s.num_tokens * (done + s.num_tokens)
+        b = len(self._running)
+        if not slices and not b:
+            self.current = None
+            return None
+        context = self.context_tokens()
+        if slices:
+            step = _Step(now, now + self.cost.step_s(tokens, attn, b, context), 1, slices=slices)
+        else:
+            first = self.cost.decode_s(b, context)
+            growth = self.cost.decode_per_ctx_s * b
+            n = self._running[0][0] - self.step  # steps to the next decode's end
+            step = _Step(now, now + _macro_s(n, first, growth), n, first, growth)
+        for req, _ in slices:
+            if req.prefill_started_s is None:
+                req.prefill_started_s = now
+        self.current = step
+        self.version += 1
+        return step
+
+    def _candidates(self, budget: int) -> list[QueuedPrompt]:
+        """The queued prompts the next chunk can take, for the order policy: the started
+        ones, then whole windows of arrivals until they hold `budget` tokens. The policy
+        ranks started prompts first, then by window, so later windows could not get in;
+        leaving them out keeps a long queue from being sorted at every step."""
+        window = self.order.config.sched_window
+        chosen = [self.queue[i] for i in self._started]
+        tokens = sum(p.num_remaining_tokens for p in chosen)
+        last_window = None
+        for index, prompt in self.queue.items():
+            if index in self._started:
+                continue
+            w = prompt.arrival_seq // window
+            if tokens >= budget and w != last_window:
+                break
+            chosen.append(prompt)
+            tokens += prompt.num_remaining_tokens
+            last_window = w
+        return chosen
+
+    def cut(self, now: float) -> bool:
+        """New work arrived at `now`: end a macro step at the end of the step in progress.
+        Returns True if the step's end moved (the caller reschedules it)."""
+        step = self.current
+        if step is None or step.steps <= 1:
+            return False
+        done = _steps_within(now - step.started_s, step.first_step_s, step.growth_s)
+        keep = min(done + 1, step.steps)
+        if keep == step.steps:
+            return False
+        step.steps = keep
+        step.ends_s = step.started_s + _macro_s(keep, step.first_step_s, step.growth_s)
+        self.version += 1
+        return True
+
+    def finish_step(self) -> tuple[list[SimRequest], list[SimRequest]]:
+        """Apply the current step at its end: (prompts that got their first token, decodes
+        that ended). Prompts are taken off the queue; decodes off the batch."""
+        step = self.current
+        assert step is not None  # only called for a scheduled step
+        self.busy_s += step.ends_s - step.started_s
+        prefilled = []
+        for req, n in step.slices:
+            queued = self.queue[req.index]
+            self._queued_tokens -= n
+            if queued.num_computed_tokens + n >= req.prompt_tokens:
+                del self.queue[req.index], self.queued[req.index]
+                self._started.discard(req.index)
+                req.first_token_s = step.ends_s
+                prefilled.append(req)
+            else:
+                self.queue[req.index] = replace(queued,
+                                                num_computed_tokens=queued.num_computed_tokens + n)
+                self._started.add(req.index)
+        start_step = self.step
+        self.step += step.steps
+        ended = []
+        while self._running and self._running[0][0] <= self.step:
+            finish, _, req = heapq.heappop(self._running)
+            req.finished_s = step.started_s + _macro_s(finish - start_step, step.first_step_s,
+                                                       step.growth_s) \
+                if step.steps > 1 else step.ends_s
+            self._sum_prompt -= req.prompt_tokens
+            self._sum_join -= req.join_step
+            ended.append(req)
+        self.current = None
+        for req in self._joining:
+            self.join_running(req)
+        self._joining, self._joining_tokens = [], 0
+        return prefilled, ended
+
+
+def _macro_s(n: int, first_s: float, growth_s: float) -> float:
+    """Seconds for n decode steps whose first takes `first_s`, each next `growth_s` more."""
+    return n * first_s + growth_s * n * (n - 1) / 2
+
+
+def _steps_within(elapsed_s: float, first_s: float, growth_s: float) -> int:
+    """How many whole steps of a macro step fit in `elapsed_s`."""
+    if elapsed_s <= 0:
+        return 0
+    if growth_s <= 0:
+        return int(elapsed_s // first_s) if first_s > 0 else 0
+    # n * first + growth * n * (n - 1) / 2 <= elapsed
+    a, b = growth_s / 2, first_s - growth_s / 2
+    n = int((-b + math.sqrt(b * b + 4 * a * elapsed_s)) / (2 * a))
+    while n > 0 and _macro_s(n, first_s, growth_s) > elapsed_s:
+        n -= 1
+    return n

@@ -1,0 +1,334 @@
+"""A discrete-event simulator of a ShuffleInfer cluster (or of colocated vLLM instances)
+that runs the same policy objects as the real scheduler.
+
+A request's life here, disaggregated:
+  arrival -> prefill placement (policy over the prefill instances' views) -> the
+  instance's queue (order policy) -> chunked prefill steps -> first token -> output length
+  predicted (an oracle of given accuracy, or a real predictor) -> decode placement
+  (policy over the decode instances' views) -> KV hand-over (cost model) -> admission
+  (policy) on the decode instance -> decode steps -> end.
+Colocated: arrival -> placement -> one engine does both, prompt chunks and decodes in the
+same steps (vLLM's chunked prefill).
+
+The views the placement policies see are the cluster monitor's: refreshed from every
+instance every `monitor_interval_s`, plus the scheduler's own placements since (as
+`GlobalScheduler` counts them). At each monitor tick the flip policy may move an
+instance (through the same `Roster` the runtime uses). Deterministic for a given seed.
+"""
+
+from __future__ import annotations
+
+import heapq
+import random
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, replace
+from typing import Any
+
+from benchmarks.records import RequestRecord, TraceRequest
+from shuffleinfer.protocol import InstanceLoad
+from shuffleinfer.scheduler.policies.admission import make_admission_policy
+from shuffleinfer.scheduler.policies.flip import FlipConfig, make_flip_policy
+from shuffleinfer.scheduler.policies.placement import (
+    InstanceView,
+    PlacementConfig,
+    PlacementRequest,
+    is_heavy,
+    make_placement_policy,
+)
+from shuffleinfer.scheduler.policies.prefill_order import (
+    PrefillOrderConfig,
+    make_prefill_order_policy,
+)
+from shuffleinfer.scheduler.roles import Roster
+from shuffleinfer.sim.cost import LinearCost
+from shuffleinfer.sim.instance import SimInstance, SimRequest
+from shuffleinfer.sim.oracle import OraclePredictor
+from shuffleinfer.sim.views import ViewBoard
+
+_ARRIVAL, _STEP_END, _HANDOVER_DONE, _MONITOR = range(4)
+
+
+@dataclass(frozen=True)
+class SimConfig:
+    """A simulated cluster and its policies."""
+
+    num_prefill: int = 1
+    num_decode: int = 1
+    colocated: int = 0
+    """> 0: that many colocated vLLM instances instead (the baseline)."""
+    chunk_size: int = 512
+    kv_capacity_tokens: int = 100_000
+    prefill_order: str = "sjf"
+    sched_window: int = 16
+    prefill_policy: str = "least_load"
+    decode_policy: str = "shuffle"
+    admission: str = "greedy"
+    flip_policy: str = "never"
+    flip: FlipConfig = FlipConfig()
+    heavy_threshold_tokens: int = 128
+    oracle_accuracy: float = 1.0
+    bucket_width: int = 200
+    max_tokens: int = 4096
+    monitor_interval_s: float = 0.1
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.colocated < 0 or (self.colocated == 0 and min(self.num_prefill,
+                                                              self.num_decode) < 1):
+            raise ValueError("a cluster needs >= 1 prefill and >= 1 decode instance, or "
+                             ">= 1 colocated instance")
+        if self.chunk_size < 1 or self.kv_capacity_tokens < 1:
+            raise ValueError("chunk_size and kv_capacity_tokens must be >= 1")
+
+    @property
+    def num_instances(self) -> int:
+        return self.colocated or self.num_prefill + self.num_decode
+
+
+@dataclass
+class SimResult:
+    """What a run produced: one record per request, in the harness's format."""
+
+    records: list[RequestRecord]
+    duration_s: float
+    """From the first arrival to the last request's end."""
+    num_instances: int
+    num_flips: int
+    busy_s: dict[str, float]
+    """Seconds each instance spent running steps."""
+    placements: list[tuple[str | None, str | None]]
+    """(prefill instance, decode instance) of each request, in request order."""
+
+
+class Simulator:
+    """One run over a list of requests."""
+
+    def __init__(self, config: SimConfig, cost: LinearCost, name: str = "sim") -> None:
+        self.config = config
+        self.cost = cost
+        self.name = name
+        self.rng = random.Random(config.seed)
+        self.now = 0.0
+        self._events: list[tuple[float, int, int, Any]] = []
+        self._seq = 0
+        c = config
+        placement = PlacementConfig(heavy_threshold_tokens=c.heavy_threshold_tokens)
+        self.placement = placement
+        self.prefill_placer = make_placement_policy(c.prefill_policy, placement, self.rng)
+        self.decode_placer = make_placement_policy(c.decode_policy, placement, self.rng)
+        self.oracle = OraclePredictor(c.oracle_accuracy, c.bucket_width, c.seed)
+        order = make_prefill_order_policy(c.prefill_order,
+                                          PrefillOrderConfig(sched_window=c.sched_window))
+        admission = make_admission_policy(c.admission)
+
+        def instance(instance_id: str, colocated: bool = False) -> SimInstance:
+            return SimInstance(instance_id, chunk_size=c.chunk_size,
+                               kv_capacity_tokens=c.kv_capacity_tokens, cost=cost,
+                               order=order, admission=admission, colocated=colocated)
+
+        if c.colocated:
+            ids = [f"vllm-{i}" for i in range(c.colocated)]
+            self.instances = {i: instance(i, colocated=True) for i in ids}
+            self.roster = Roster(ids, [], make_flip_policy("never", self._clock), self._clock)
+        else:
+            prefill = [f"prefill-{i}" for i in range(c.num_prefill)]
+            decode = [f"decode-{i}" for i in range(c.num_decode)]
+            self.instances = {i: instance(i) for i in prefill + decode}
+            self.roster = Roster(prefill, decode,
+                                 make_flip_policy(c.flip_policy, self._clock, c.flip),
+                                 self._clock)
+        self.views = ViewBoard()
+        self._flips = c.flip_policy != "never"
+        self._held: dict[str, int] = dict.fromkeys(self.instances, 0)
+        self._in_flight = 0
+
+    def _clock(self) -> float:
+        return self.now
+
+    # --- the event loop ---
+
+    def _push(self, at: float, kind: int, payload: Any) -> None:
+        heapq.heappush(self._events, (at, self._seq, kind, payload))
+        self._seq += 1
+
+    def run(self, requests: Sequence[TraceRequest],
+            progress: Callable[[int], None] | None = None) -> SimResult:
+        """Simulate `requests` (sorted by arrival) to the end; `progress(n)` is called
+        with the number of requests that ended since the last call."""
+        reqs = [SimRequest(i, r.arrival_s, max(r.prompt_tokens, 1), max(r.output_tokens, 1))
+                for i, r in enumerate(requests)]
+        for r in reqs:
+            self._push(r.arrival_s, _ARRIVAL, r)
+        self._refresh_views(self.instances)
+        self._arrange()
+        self._push(self.config.monitor_interval_s, _MONITOR, None)
+        self._in_flight = len(reqs)
+        done_since = 0
+        while self._events:
+            at, _, kind, payload = heapq.heappop(self._events)
+            if kind == _MONITOR and self._in_flight == 0:
+                continue
+            self.now = at
+            if kind == _ARRIVAL:
+                self._arrive(payload)
+            elif kind == _STEP_END:
+                instance, version = payload
+                if instance.version == version:
+                    done_since += self._step_end(instance)
+            elif kind == _HANDOVER_DONE:
+                self._handed_over(payload)
+            else:
+                self._monitor()
+                self._push(at + self.config.monitor_interval_s, _MONITOR, None)
+            if progress is not None and done_since >= 1000:
+                progress(done_since)
+                done_since = 0
+        if progress is not None and done_since:
+            progress(done_since)
+        start = min((r.arrival_s for r in reqs), default=0.0)
+        end = max((r.finished_s or 0.0 for r in reqs), default=0.0)
+        return SimResult([self._record(r) for r in reqs], max(end - start, 1e-9),
+                         self.config.num_instances, self.roster.num_flips,
+                         {i: x.busy_s for i, x in self.instances.items()},
+                         [(r.prefill_id, r.decode_id) for r in reqs])
+
+    def _record(self, r: SimRequest) -> RequestRecord:
+        return RequestRecord(index=r.index, endpoint=self.name, scheduled_at_s=r.arrival_s,
+                             prompt_tokens=r.prompt_tokens, max_tokens=r.output_tokens,
+                             sent_at_s=r.arrival_s, first_token_at_s=r.first_token_s,
+                             finished_at_s=r.finished_s, output_tokens=r.output_tokens,
+                             ok=r.finished_s is not None)
+
+    # --- placement ---
+
+    def _place(self, role: str, request: PlacementRequest) -> str:
+        placer = self.decode_placer if role == "decode" else self.prefill_placer
+        return placer.place(request, self.views.candidates(role)).instance_id
+
+    def _arrange(self) -> None:
+        self.views.arrange({role: self.roster.active(role)  # type: ignore[arg-type]
+                            for role in ("prefill", "decode")})
+
+    def _arrive(self, req: SimRequest) -> None:
+        role = "prefill"
+        instance_id = self._place(role, PlacementRequest(str(req.index), req.prompt_tokens))
+        req.prefill_id = instance_id
+        v = self.views[instance_id]
+        self.views[instance_id] = replace(
+            v, num_running_reqs=v.num_running_reqs + 1,
+            num_queued_prompt_tokens=v.num_queued_prompt_tokens + req.prompt_tokens)
+        self._held[instance_id] += 1
+        instance = self.instances[instance_id]
+        instance.enqueue_prompt(req)
+        self.views.dirty.add(instance_id)
+        self._wake(instance)
+
+    def _wake(self, instance: SimInstance) -> None:
+        """New work for `instance`: start a step if idle, else cut a long macro step."""
+        if instance.current is None:
+            self._start(instance)
+        elif instance.cut(self.now):
+            self._push(instance.current.ends_s, _STEP_END, (instance, instance.version))
+
+    def _start(self, instance: SimInstance) -> None:
+        step = instance.start_step(self.now)
+        if step is not None:
+            self._push(step.ends_s, _STEP_END, (instance, instance.version))
+
+    def _step_end(self, instance: SimInstance) -> int:
+        prefilled, ended = instance.finish_step()
+        self.views.dirty.add(instance.instance_id)
+        for req in ended:
+            self._end(req)
+        for req in prefilled:
+            self._held[instance.instance_id] -= 1
+            if req.output_tokens == 1:
+                req.finished_s = req.first_token_s
+                self._end(req)
+            elif self.config.colocated:
+                self._held[instance.instance_id] += 1
+                req.decode_id = instance.instance_id
+                instance.join_running(req)
+            else:
+                self._to_decode(req)
+        if ended:
+            instance.admit_decodes()
+        self._start(instance)
+        return len(ended) + sum(r.output_tokens == 1 for r in prefilled)
+
+    def _end(self, req: SimRequest) -> None:
+        if req.decode_id is not None:
+            self._held[req.decode_id] -= 1
+            if req.prediction is not None:
+                self.instances[req.decode_id].count_decode(
+                    req.prediction, is_heavy(req.prediction, self.placement), -1)
+        self._in_flight -= 1
+
+    def _to_decode(self, req: SimRequest) -> None:
+        req.prediction = self.oracle.predict(req.output_tokens, self.config.max_tokens)
+        decode_id = self._place("decode", PlacementRequest(
+            str(req.index), req.prompt_tokens, req.prediction))
+        req.decode_id = decode_id
+        v = self.views[decode_id]
+        heavy = is_heavy(req.prediction, self.placement)
+        free = v.num_free_kv_tokens
+        self.views[decode_id] = replace(
+            v, num_running_reqs=v.num_running_reqs + 1,
+            num_free_kv_tokens=None if free is None else max(free - req.prompt_tokens - 1, 0),
+            num_heavy_reqs=v.num_heavy_reqs + heavy, num_light_reqs=v.num_light_reqs + 1 - heavy,
+            num_predicted_decode_tokens=v.num_predicted_decode_tokens + req.prediction.point)
+        self._held[decode_id] += 1
+        req.handover_s = self.cost.handover_s(req.prompt_tokens)
+        self._push(self.now + req.handover_s, _HANDOVER_DONE, req)
+
+    def _handed_over(self, req: SimRequest) -> None:
+        assert req.decode_id is not None  # set when it was placed
+        instance = self.instances[req.decode_id]
+        instance.waiting.append(req)
+        self.views.dirty.add(req.decode_id)
+        assert req.prediction is not None  # made before placement
+        instance.count_decode(req.prediction, is_heavy(req.prediction, self.placement), 1)
+        was_idle = instance.current is None
+        instance.admit_decodes()
+        if was_idle:
+            self._start(instance)
+        elif instance.cut(self.now):
+            assert instance.current is not None
+            self._push(instance.current.ends_s, _STEP_END, (instance, instance.version))
+
+    # --- the cluster monitor ---
+
+    def _refresh_views(self, ids: Iterable[str]) -> None:
+        for i in ids:
+            x = self.instances[i]
+            self.views[i] = InstanceView(
+                i, x.num_running + len(x.queue) + len(x.waiting), x.queued_tokens,
+                num_free_kv_tokens=x.free_kv_tokens(), num_heavy_reqs=x.num_heavy,
+                num_light_reqs=x.num_light,
+                num_predicted_decode_tokens=x.predicted_remaining_tokens())
+
+    def _monitor(self) -> None:
+        self._refresh_views(self.views.dirty)
+        self.views.dirty.clear()
+        if not self._flips and not self.roster.flipping():
+            return
+        loads = {i: InstanceLoad(i, self.roster.role(i), ready=True,
+                                 num_running_reqs=x.num_running + len(x.queue),
+                                 num_waiting_reqs=len(x.waiting),
+                                 kv_cache_usage=1 - x.free_kv_tokens() / x.kv_capacity_tokens,
+                                 prefill_queue_delay_s=self._queue_delay(x))
+                 for i, x in self.instances.items()}
+        if self.roster.on_monitor(loads, self._held) or self.roster.flipping():
+            self._arrange()
+
+    def _queue_delay(self, instance: SimInstance) -> float:
+        waits = [self.now - r.arrival_s for r in instance.queued.values()
+                 if r.prefill_started_s is None]
+        return max(waits, default=0.0)
+
+
+def simulate(requests: Sequence[TraceRequest], config: SimConfig, cost: LinearCost,
+             name: str = "sim", progress: Callable[[int], None] | None = None) -> SimResult:
+    """Run one simulation (a convenience over `Simulator`)."""
+    return Simulator(config, cost, name).run(requests, progress)
+

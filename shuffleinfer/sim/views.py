@@ -1,0 +1,40 @@
+"""What the placement policies see of the simulated instances: one `InstanceView` per
+instance, kept in a list per role that is handed to the policies as it is (a policy only
+reads its candidates), so placing a request never copies the cluster's state."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from shuffleinfer.scheduler.policies.placement import InstanceView
+
+
+class ViewBoard:
+    """Views by instance, and the candidate list of each role."""
+
+    def __init__(self) -> None:
+        self.views: dict[str, InstanceView] = {}
+        self._lists: dict[str, list[InstanceView]] = {}
+        self._where: dict[str, tuple[str, int]] = {}
+        self.dirty: set[str] = set()
+        """Instances whose state changed since their view was last refreshed."""
+
+    def arrange(self, roles: dict[str, Iterable[str]]) -> None:
+        """Candidate lists for each role, in the given order (after a role change)."""
+        self._lists, self._where = {}, {}
+        for role, ids in roles.items():
+            self._lists[role] = [self.views[i] for i in ids]
+            for position, i in enumerate(ids):
+                self._where[i] = (role, position)
+
+    def candidates(self, role: str) -> list[InstanceView]:
+        return self._lists.get(role, [])
+
+    def __getitem__(self, instance_id: str) -> InstanceView:
+        return self.views[instance_id]
+
+    def __setitem__(self, instance_id: str, view: InstanceView) -> None:
+        self.views[instance_id] = view
+        where = self._where.get(instance_id)
+        if where is not None:
+            self._lists[where[0]][where[1]] = view
