@@ -5,6 +5,7 @@ engine and save the saturation point as the model's chunk size on this machine.
         [--cpus-per-instance N] [--kv-cache-gib G] [--cache-dir DIR]
         [--sizes 32,64,...,2048] [--repeats R] [--threshold F] [--seed S] [--out FILE.json]
         [--engine-arg KEY=VALUE ...]
+    shuffleinfer calibrate --profile [--profile-quick] [--repeats R] [--out FILE.json] ...
 
 The engine is set up as one serving instance: the same model resolution, dtype (`auto`:
 float32 on CPU), cores and KV cache (`cpu_env` of instance 0), chunked prefill, and the
@@ -14,6 +15,9 @@ Each size B is one prompt of B tokens with `max_tokens=1`, one engine step with
 `max_num_batched_tokens` at the largest size (see `prefill_timer.py`). One untimed run
 per size comes first (oneDNN builds its kernels per shape), then `--repeats` timed runs;
 the median counts.
+
+`--profile` runs instead of that sweep: it times prefill and decode steps of many shapes
+and fits the simulator's `cpu` cost model (see `profile_steps.py`).
 
 Exit codes: 0 done, 1 the run failed (preparing the model, writing the results),
 2 usage error (the message names the flag).
@@ -42,6 +46,7 @@ from shuffleinfer.engine.calibration import (
 from shuffleinfer.engine.prefill_timer import PrefillTimer, measure
 
 DEFAULT_SIZES = (32, 64, 128, 256, 512, 1024, 2048)
+DEFAULT_THRESHOLD = 0.9
 CALIBRATE_OWNS = ("enable_prefix_caching", "enable_chunked_prefill", "seed")
 """Engine args calibrate sets itself, besides those serve owns (see `ServeConfig`)."""
 _RUN_FAILED, _USAGE = 1, 2
@@ -106,7 +111,7 @@ def add_calibrate_parser(subparsers: argparse._SubParsersAction) -> argparse.Arg
                    f"(default: {','.join(map(str, DEFAULT_SIZES))})")
     p.add_argument("--repeats", type=_positive, default=3,
                    help="timed runs per size; the median counts (default: 3)")
-    p.add_argument("--threshold", type=_threshold, default=0.9,
+    p.add_argument("--threshold", type=_threshold, default=DEFAULT_THRESHOLD,
                    help="the chunk size is the smallest size at this fraction of the best "
                    "throughput, in (0, 1] (default: 0.9)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random prompts (default: 0)")
@@ -115,7 +120,15 @@ def add_calibrate_parser(subparsers: argparse._SubParsersAction) -> argparse.Arg
                    help="extra vLLM engine argument, as for serve (repeatable)")
     p.add_argument("--out", type=Path, default=None,
                    help="JSON file to write, a PNG plot beside it (default: the file serve "
-                   "reads, <cache dir>/calibration/<model>.json)")
+                   "reads, <cache dir>/calibration/<model>.json; with --profile, the one "
+                   "the simulator's cost model `cpu` reads, <cache dir>/calibration/"
+                   "cpu-cost-model.json)")
+    p.add_argument("--profile", action="store_true",
+                   help="instead of the chunk-size sweep, time prefill and decode steps of "
+                   "many shapes (--repeats runs of each prefill), fit the simulator's `cpu` "
+                   "cost model and save it (~5 min)")
+    p.add_argument("--profile-quick", action="store_true",
+                   help="with --profile: a tiny plan, seconds long; too few steps to trust")
     p.set_defaults(handler=run_calibrate)
     return p
 
@@ -126,6 +139,11 @@ def run_calibrate(args: argparse.Namespace) -> int:
     owned = sorted(set(CALIBRATE_OWNS) & set(engine_args))
     if owned:
         return _usage_error(f"invalid --engine-arg: calibrate sets {', '.join(owned)} itself")
+    if args.profile_quick and not args.profile:
+        return _usage_error("--profile-quick needs --profile")
+    if args.profile and (args.sizes != DEFAULT_SIZES or args.threshold != DEFAULT_THRESHOLD):
+        flag = "--sizes" if args.sizes != DEFAULT_SIZES else "--threshold"
+        return _usage_error(f"{flag} is for the chunk-size sweep; --profile has its own plan")
     try:
         config = ServeConfig.model_validate({
             "model": args.model, "dtype": args.dtype, "cache_dir": args.cache_dir,
@@ -153,6 +171,13 @@ def run_calibrate(args: argparse.Namespace) -> int:
     dtype = resolve_dtype(config.dtype)
     if not torch.cuda.is_available():  # bound to its cores, as serve binds instance 0's
         os.environ.update(cpu_env(0, config))
+    if args.profile:
+        from shuffleinfer.engine.profile_steps import run_profile
+        from shuffleinfer.sim.cost import default_profile_path
+
+        return run_profile(config, model_path, dtype, quick=args.profile_quick,
+                           repeats=args.repeats, seed=args.seed,
+                           out=args.out or default_profile_path(config.cache_dir))
     timer = PrefillTimer(model_path, dtype=dtype, max_num_batched_tokens=max(args.sizes),
                          seed=args.seed, engine_args=config.engine_args)
     seconds = measure(timer, args.sizes, args.repeats)

@@ -14,7 +14,8 @@ from shuffleinfer.sim.cli import parse_clusters
 DATA = Path(__file__).resolve().parents[3] / "shared" / "data"
 
 
-def test_simulate_writes_the_harness_outputs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_simulate_writes_the_harness_outputs(tmp_path: Path,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "run"
     code = main(["simulate", "--trace", "azure2023-conv", "--max-requests", "300",
                  "--cluster", "2p2d,vllm:4", "--out", str(out), "--data-dir", str(DATA),

@@ -28,7 +28,8 @@ def synthetic(noise: float, seed: int = 0) -> tuple[list, list]:
     for batch in (1, 4, 16, 32, 64):
         for per_req_ctx in (64, 512, 2048):
             ctx = batch * per_req_ctx
-            decode.append((batch, ctx, TRUE.decode_s(batch, ctx) * (1 + rng.uniform(-noise, noise))))
+            t = TRUE.decode_s(batch, ctx) * (1 + rng.uniform(-noise, noise))
+            decode.append((batch, ctx, t))
     return prefill, decode
 
 
