@@ -34,7 +34,7 @@ class PlacementConfig(BaseModel):
         "(the paper's schedulers use the bucket's lower bound)."))
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class InstanceView:
     """What a placement policy may know about a candidate instance."""
 

@@ -1,0 +1,83 @@
+"""How fast the simulator runs: wall time for N requests over a cluster of I instances.
+
+    python -m benchmarks.sim_speed [--requests 1000000] [--instances 512] [--out DIR]
+
+Requests take ShareGPT prompt/output lengths (sampled with replacement, fitted into
+OPT-13B's 2,048-token context) and Poisson arrivals at `--rate-per-instance` (default
+0.3 requests/s per instance: about 70 % busy for this mix on simulated A100s);
+ShuffleInfer runs half prefill, half decode instances with the default policies of
+`shuffleinfer simulate` (sjf, least_load, shuffle, greedy) and the DistServe A100 cost
+model. Prints the wall time, simulated requests per wall second and the ratio to the goal
+(1,000,000 requests over 512 instances in 60 s); `--out` also writes summary.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+import time
+from pathlib import Path
+
+from tqdm import tqdm
+
+from benchmarks.records import TraceRequest
+from benchmarks.replay import DEFAULT_DATA_DIR
+from benchmarks.traces import load_trace
+from shuffleinfer.sim.cost import A100_OPT13B
+from shuffleinfer.sim.simulator import SimConfig, simulate
+
+GOAL_REQUESTS, GOAL_INSTANCES, GOAL_S = 1_000_000, 512, 60.0
+
+
+def workload(n: int, rate: float, seed: int, data_dir: Path) -> list[TraceRequest]:
+    lengths = load_trace("sharegpt", data_dir=data_dir, max_model_len=2048).requests
+    rng = random.Random(seed)
+    t, out = 0.0, []
+    for _ in range(n):
+        r = rng.choice(lengths)
+        out.append(TraceRequest(t, r.prompt_tokens, r.output_tokens))
+        t += rng.expovariate(rate)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.sim_speed", description=__doc__)
+    p.add_argument("--requests", type=int, default=GOAL_REQUESTS)
+    p.add_argument("--instances", type=int, default=GOAL_INSTANCES)
+    p.add_argument("--rate-per-instance", type=float, default=0.3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR)
+    p.add_argument("--out", type=Path, default=None)
+    args = p.parse_args(argv)
+    if args.requests < 1 or args.instances < 2 or args.rate_per_instance <= 0:
+        p.error("need --requests >= 1, --instances >= 2, --rate-per-instance > 0")
+    reqs = workload(args.requests, args.rate_per_instance * args.instances, args.seed,
+                    args.data_dir)
+    half = args.instances // 2
+    config = SimConfig(num_prefill=half, num_decode=args.instances - half,
+                       kv_capacity_tokens=60_000, max_tokens=2048, seed=args.seed)
+    started = time.perf_counter()
+    with tqdm(total=len(reqs), desc="simulating", unit="req", mininterval=1.0) as bar:
+        result = simulate(reqs, config, A100_OPT13B, progress=bar.update)
+    wall = time.perf_counter() - started
+    per_s = len(reqs) / wall
+    # The goal scaled to this run's size (cost grows with requests x candidates per placement).
+    goal_wall = GOAL_S * len(reqs) / GOAL_REQUESTS
+    summary = {"requests": len(reqs), "instances": args.instances, "wall_s": wall,
+               "simulated_s": result.duration_s, "requests_per_wall_s": per_s,
+               "completed": sum(r.ok for r in result.records),
+               "goal": f"{GOAL_REQUESTS} requests over {GOAL_INSTANCES} instances in "
+                       f"{GOAL_S:.0f} s", "wall_vs_goal": wall / goal_wall}
+    print(f"{len(reqs):,} requests over {args.instances} instances: {wall:.1f} s wall "
+          f"({per_s:,.0f} requests/s), {result.duration_s:,.0f} s simulated; "
+          f"{summary['wall_vs_goal']:.2f}x the goal's time for this many requests")
+    if args.out is not None:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
