@@ -28,7 +28,7 @@ from benchmarks.systems import (
     stop_system,
     wait_ready,
 )
-from shuffleinfer.runtime.cluster import has_gpu
+from shuffleinfer.predictor.label import resolve_dtype
 
 RATIO_KEYS = ["mean_ttft_ms", "p99_ttft_ms", "mean_tpot_ms", "p99_tpot_ms", "mean_jct_ms",
               "p99_jct_ms", "output_throughput", "output_throughput_per_instance_s",
@@ -116,7 +116,8 @@ def run_compare(args: argparse.Namespace) -> int:
     model_path = resolve_model(args.model)
     # A SIGTERM must stop the servers this command started, as Ctrl-C does.
     signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
-    dtype = args.dtype if args.dtype != "auto" else ("auto" if has_gpu() else "float32")
+    # This machine's own GPUs decide (no Ray here: each system starts its own).
+    dtype = resolve_dtype(args.dtype)
     settings = EngineSettings(model=args.model, model_path=model_path, dtype=dtype,
                               max_model_len=args.max_model_len, chunk_size=args.chunk_size,
                               kv_cache_gib=args.kv_cache_gib)

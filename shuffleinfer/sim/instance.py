@@ -22,7 +22,7 @@ from __future__ import annotations
 import heapq
 import math
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 from shuffleinfer.scheduler.policies.admission import (
@@ -296,8 +296,9 @@ class SimInstance:
                 req.first_token_s = step.ends_s
                 prefilled.append(req)
             else:
-                self.queue[req.index] = replace(queued,
-                                                num_computed_tokens=queued.num_computed_tokens + n)
+                self.queue[req.index] = QueuedPrompt(queued.req_id, queued.arrival_seq,
+                                                     queued.num_prompt_tokens,
+                                                     queued.num_computed_tokens + n)
                 self._started.add(req.index)
         start_step = self.step
         self.step += step.steps
