@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
         cost = make_cost_model("cpu", args.cost_profile)
     except (OSError, ValueError) as e:
         p.error(str(e))
-    compare = config.get("settings", config)
+    compare = {**config, **config.get("settings", {})}
     kv_tokens = int(compare.get("kv_cache_gib", 2) * 2**30 / cost.kv_bytes_per_token)
     rows: dict[str, Any] = {}
     for system, real in summary.items():

@@ -94,3 +94,28 @@ def test_malformed_trace_names_file_and_line(tmp_path: Path,
                  "--max-model-len", "512", "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err
     assert str(bad) in err and ":3:" in err
+
+
+def test_compare_prepares_its_systems_without_ray(tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    # compare starts each system as its own process: it must settle the dtype and the
+    # workload here, without a Ray cluster (it once asked Ray whether there were GPUs).
+    import ray
+
+    import benchmarks.compare as compare
+
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def run_system(name, workload, builder, settings, args):  # noqa: ANN001, ANN202
+        seen.update(name=name, dtype=settings.dtype, requests=len(workload.requests))
+        raise Stop
+
+    monkeypatch.setattr(compare, "run_system", run_system)
+    with pytest.raises(Stop):
+        main(["compare", "--systems", "vllm", "--trace", "mixed", "--max-requests", "3",
+              "--out", str(tmp_path)])
+    assert seen == {"name": "vllm", "dtype": "float32", "requests": 3}
+    assert not ray.is_initialized()
