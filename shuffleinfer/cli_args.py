@@ -28,3 +28,14 @@ def engine_arg(text: str) -> tuple[str, Any]:
     except json.JSONDecodeError:
         parsed = value
     return key.replace("-", "_"), parsed
+
+
+def positive_int(text: str) -> int:
+    """A flag value that is an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value

@@ -120,18 +120,12 @@ class ServeConfig(BaseModel):
     engine_args: dict[str, Any] = Field(default_factory=dict, description=(
         "Extra vLLM engine arguments, passed through as given."))
 
-    @field_validator("prefill_policy")
-    @classmethod
-    def _known_prefill_policy(cls, name: str) -> str:
-        if name not in PREFILL_PLACEMENT_POLICIES:
-            raise ValueError(f"unknown policy {name!r}; known: "
-                             f"{', '.join(PREFILL_PLACEMENT_POLICIES)}")
-        return name
-
-    @field_validator("prefill_order", "admission", "flip_policy")
+    @field_validator("prefill_policy", "decode_policy", "prefill_order", "admission",
+                     "flip_policy")
     @classmethod
     def _known_policy(cls, name: str, info: ValidationInfo) -> str:
         registries: dict[str, Mapping[str, object]] = {
+            "prefill_policy": PREFILL_PLACEMENT_POLICIES, "decode_policy": PLACEMENT_POLICIES,
             "prefill_order": PREFILL_ORDER_POLICIES, "admission": ADMISSION_POLICIES,
             "flip_policy": FLIP_POLICIES}
         lookup(registries[str(info.field_name)], name, "policy")
@@ -156,13 +150,6 @@ class ServeConfig(BaseModel):
 
         if name not in PREDICTORS:
             raise ValueError(f"unknown predictor {name!r}; known: {', '.join(PREDICTORS)}")
-        return name
-
-    @field_validator("decode_policy")
-    @classmethod
-    def _known_decode_policy(cls, name: str) -> str:
-        if name not in PLACEMENT_POLICIES:
-            raise ValueError(f"unknown policy {name!r}; known: {', '.join(PLACEMENT_POLICIES)}")
         return name
 
     @field_validator("prefill_resources", "decode_resources")

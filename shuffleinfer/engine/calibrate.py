@@ -32,7 +32,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from shuffleinfer.cli_args import engine_arg
+from shuffleinfer.cli_args import engine_arg, positive_int
 from shuffleinfer.config import DEFAULT_MODEL_NAME, ServeConfig
 from shuffleinfer.engine.calibration import (
     MAX_CHUNK_SIZE,
@@ -67,16 +67,6 @@ def _sizes(text: str) -> tuple[int, ...]:
     return tuple(sorted(sizes))
 
 
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
-
 def _threshold(text: str) -> float:
     try:
         value = float(text)
@@ -99,17 +89,17 @@ def add_calibrate_parser(subparsers: argparse._SubParsersAction) -> argparse.Arg
                    help=f"as for serve (default: {DEFAULT_MODEL_NAME})")
     p.add_argument("--dtype", choices=("auto", "bfloat16", "float16", "float32"),
                    default="auto", help="as for serve; auto is float32 on CPU (default: auto)")
-    p.add_argument("--cpus-per-instance", type=_positive, default=defaults.cpus_per_instance,
+    p.add_argument("--cpus-per-instance", type=positive_int, default=defaults.cpus_per_instance,
                    help="cores of one serving instance to measure on "
                    f"(default: {defaults.cpus_per_instance})")
-    p.add_argument("--kv-cache-gib", type=_positive, default=defaults.kv_cache_gib,
+    p.add_argument("--kv-cache-gib", type=positive_int, default=defaults.kv_cache_gib,
                    help=f"KV cache on CPU, GiB (default: {defaults.kv_cache_gib})")
     p.add_argument("--cache-dir", type=Path, default=None,
                    help="models folder, as for serve (default ~/.cache/shuffleinfer/models)")
     p.add_argument("--sizes", type=_sizes, default=DEFAULT_SIZES,
                    help="batched prompt tokens per step to measure, comma-separated "
                    f"(default: {','.join(map(str, DEFAULT_SIZES))})")
-    p.add_argument("--repeats", type=_positive, default=3,
+    p.add_argument("--repeats", type=positive_int, default=3,
                    help="timed runs per size; the median counts (default: 3)")
     p.add_argument("--threshold", type=_threshold, default=DEFAULT_THRESHOLD,
                    help="the chunk size is the smallest size at this fraction of the best "

@@ -18,6 +18,7 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
+from shuffleinfer.cli_args import positive_int
 from shuffleinfer.predictor.data import default_prompts_file
 
 _RUN_FAILED, _USAGE = 1, 2
@@ -34,16 +35,6 @@ def _widths(text: str) -> tuple[int, ...]:
     return widths
 
 
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
-
 def add_predictor_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Add the `predictor` command with its `label` and `eval` subcommands."""
     parser = subparsers.add_parser("predictor", help="label data for and evaluate the "
@@ -57,17 +48,17 @@ def add_predictor_parser(subparsers: argparse._SubParsersAction) -> argparse.Arg
                            "resumable: ids already in LABELS are skipped.")
     label.add_argument("--data", type=Path, default=None, help=data_help)
     label.add_argument("--out", type=Path, required=True, help="labels CSV to append to")
-    label.add_argument("--limit", type=_positive, default=None,
+    label.add_argument("--limit", type=positive_int, default=None,
                        help="label N distinct prompts, an equal share per task (seeded)")
-    label.add_argument("--max-tokens", type=_positive, default=512,
+    label.add_argument("--max-tokens", type=positive_int, default=512,
                        help="output limit of each generation (default: 512)")
-    label.add_argument("--max-prompt-tokens", type=_positive, default=2048,
+    label.add_argument("--max-prompt-tokens", type=positive_int, default=2048,
                        help="longer prompts are recorded as skipped (default: 2048)")
     label.add_argument("--model", default=None,
                        help="embedded model name, HF id or path (default: the default model)")
     label.add_argument("--seed", type=int, default=0,
                        help="seed of the prompt choice and of the sampling (default: 0)")
-    label.add_argument("--max-in-flight", type=_positive, default=64,
+    label.add_argument("--max-in-flight", type=positive_int, default=64,
                        help="prompts running in the engine at once, two generations each "
                        "(default: 64)")
     label.add_argument("--dtype", choices=("auto", "bfloat16", "float16", "float32"),
@@ -86,7 +77,7 @@ def add_predictor_parser(subparsers: argparse._SubParsersAction) -> argparse.Arg
                     help="which label column to predict (default: greedy)")
     ev.add_argument("--bucket-widths", type=_widths, default=(50, 100, 200),
                     help="bucket widths, the first one primary (default: 50,100,200)")
-    ev.add_argument("--max-tokens", type=_positive, default=None,
+    ev.add_argument("--max-tokens", type=positive_int, default=None,
                     help="max_tokens of the labelling run (default: inferred from the labels)")
     ev.add_argument("--test-percent", type=int, default=25,
                     help="share of prompt_ids held out for testing (default: 25)")
