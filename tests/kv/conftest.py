@@ -196,6 +196,21 @@ class Steps:
             self.step()
 
 
+def pull(decode: ConnectorWorker, load: PlannedLoad) -> Steps:
+    """Plan `load` on `decode` and step it until it reports the pull done (or failed)."""
+    decode.on_metadata(meta(loads=[load]))
+    steps = Steps(decode)
+    steps.until(lambda: load.engine_req_id in steps.recving)
+    return steps
+
+
+def hand_over(prefill: ConnectorWorker, decode: ConnectorWorker, lease: Lease,
+              load: PlannedLoad) -> Steps:
+    """Lease on `prefill`, then `pull` on `decode`."""
+    prefill.on_metadata(meta(leases=[lease]))
+    return pull(decode, load)
+
+
 def lease_and_load(prefill: ConnectorWorker, transfer_id: str, remote: tuple[int, ...],
                    local: tuple[int, ...]) -> tuple[Lease, PlannedLoad]:
     """A lease on `prefill` and the load a decode plans for it, with the host identity the

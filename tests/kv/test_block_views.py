@@ -14,13 +14,12 @@ from shuffleinfer.kv.block_views import VLLM_BLOCK_DIM, KVCacheViews, find_block
 from shuffleinfer.kv.transport import KVTransferError
 from tests.kv.conftest import (
     NUM_BLOCKS,
-    Steps,
     WorkerFactory,
     as_bytes,
+    hand_over,
     kv_caches,
     lease_and_load,
     legacy_flash_kv_caches,
-    meta,
     vllm_kv_caches,
 )
 
@@ -97,10 +96,7 @@ def test_pull_moves_whole_blocks_into_the_right_blocks(
                          transport=transport)
     remote, local = (6, 1, 3), (2, 7, 5)  # neither side contiguous nor in order
     lease, load = lease_and_load(prefill, "t-layout", remote=remote, local=local)
-    prefill.on_metadata(meta(leases=[lease]))
-    decode.on_metadata(meta(loads=[load]))
-    d_steps = Steps(decode)
-    d_steps.until(lambda: load.engine_req_id in d_steps.recving)
+    hand_over(prefill, decode, lease, load)
 
     assert decode.get_block_ids_with_load_errors() == set()
     stats = decode.get_stats()
@@ -116,10 +112,7 @@ def test_both_halves_of_a_block_move_when_k_and_v_lead(make_worker: WorkerFactor
     src, dst = legacy_flash_kv_caches(0), legacy_flash_kv_caches(1)
     prefill, decode = make_worker(src), make_worker(dst, transport="tcp")
     lease, load = lease_and_load(prefill, "t-kv", remote=(4,), local=(0,))
-    prefill.on_metadata(meta(leases=[lease]))
-    decode.on_metadata(meta(loads=[load]))
-    d_steps = Steps(decode)
-    d_steps.until(lambda: load.engine_req_id in d_steps.recving)
+    hand_over(prefill, decode, lease, load)
     for name in src:
         assert torch.equal(dst[name][0, 0], src[name][0, 4])  # K
         assert torch.equal(dst[name][1, 0], src[name][1, 4])  # V

@@ -21,9 +21,11 @@ from tests.kv.conftest import (
     Steps,
     WorkerFactory,
     as_bytes,
+    hand_over,
     kv_caches,
     lease_and_load,
     meta,
+    pull,
 )
 
 pytestmark = pytest.mark.timeout(60)
@@ -129,9 +131,7 @@ def test_unpulled_lease_expires_and_frees_its_blocks(make_worker: WorkerFactory)
     assert stats is not None and stats.data["num_expired_leases"] == 1
 
     # A decode that comes too late gets nothing and recomputes.
-    decode.on_metadata(meta(loads=[load]))
-    d_steps = Steps(decode)
-    d_steps.until(lambda: load.engine_req_id in d_steps.recving)
+    pull(decode, load)
     assert decode.get_block_ids_with_load_errors() == {2}
 
 
@@ -200,9 +200,7 @@ def test_layout_mismatch_is_refused_naming_the_field(
 
     # The refusal does not consume the lease: a matching decode still gets the blocks.
     decode = make_worker(dst)
-    decode.on_metadata(meta(loads=[load]))
-    d_steps = Steps(decode)
-    d_steps.until(lambda: load.engine_req_id in d_steps.recving)
+    pull(decode, load)
     assert decode.get_block_ids_with_load_errors() == set()
     name = next(iter(src))
     assert as_bytes(dst[name][2]) == as_bytes(src[name][1])
@@ -279,9 +277,7 @@ def test_finished_ids_without_a_lease_are_not_kept_forever(
     assert len(prefill._finished_seen) <= 1  # only the leased request is remembered
 
     # The leased request's finish is still remembered when its pull comes late.
-    decode.on_metadata(meta(loads=[load]))
-    d_steps = Steps(decode)
-    d_steps.until(lambda: load.engine_req_id in d_steps.recving)
+    pull(decode, load)
     p_steps.until(lambda: lease.engine_req_id in p_steps.sending)
 
 
@@ -316,10 +312,7 @@ def test_register_serves_a_cache_whose_blocks_are_not_contiguous_tensors(
     assert not next(iter(src.values())).is_contiguous()
     prefill, decode = make_worker(src), make_worker(dst)
     lease, load = lease_and_load(prefill, "t-strided", remote=(3,), local=(5,))
-    prefill.on_metadata(meta(leases=[lease]))
-    decode.on_metadata(meta(loads=[load]))
-    d_steps = Steps(decode)
-    d_steps.until(lambda: load.engine_req_id in d_steps.recving)
+    hand_over(prefill, decode, lease, load)
     assert decode.get_block_ids_with_load_errors() == set()
     for name in src:
         assert as_bytes(dst[name][5]) == as_bytes(src[name][3])

@@ -17,9 +17,11 @@ from tests.kv.conftest import (
     Steps,
     WorkerFactory,
     as_bytes,
+    hand_over,
     kv_caches,
     lease_and_load,
     meta,
+    pull,
     shm_segments,
 )
 
@@ -43,10 +45,7 @@ def test_auto_follows_where_the_prefill_lives(
     lease, load = lease_and_load(prefill, "t-auto", remote=(1, 3), local=(2, 6))
     if remote_host is not None:
         load = dataclasses.replace(load, remote_host_id=remote_host)
-    prefill.on_metadata(meta(leases=[lease]))
-    decode.on_metadata(meta(loads=[load]))
-    d_steps = Steps(decode)
-    d_steps.until(lambda: load.engine_req_id in d_steps.recving)
+    hand_over(prefill, decode, lease, load)
 
     assert decode.get_block_ids_with_load_errors() == set()
     for name in src:
@@ -107,9 +106,7 @@ def test_wrong_token_is_refused_and_the_lease_still_serves_the_right_one(
     assert prefill_stats is not None and prefill_stats.data["num_unauthorized"] == 1
 
     decode = make_worker(dst, transport=transport, auth_token="s3cret")
-    decode.on_metadata(meta(loads=[load]))
-    d_steps = Steps(decode)
-    d_steps.until(lambda: load.engine_req_id in d_steps.recving)
+    pull(decode, load)
     assert decode.get_block_ids_with_load_errors() == set()
     for name in src:
         assert as_bytes(dst[name][4]) == as_bytes(src[name][2])
