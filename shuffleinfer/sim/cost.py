@@ -17,7 +17,7 @@ Models are chosen by name (`COST_MODELS`): GPU ones from published coefficients,
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -165,7 +165,3 @@ def _nonnegative_lstsq(x: np.ndarray, y: np.ndarray) -> list[float]:
             return full
         keep.pop(int(np.argmin(coef)))
 
-
-def with_link(model: LinearCost, link_bytes_per_s: float) -> LinearCost:
-    """The same model over another link (e.g. shared memory instead of a network)."""
-    return replace(model, link_bytes_per_s=link_bytes_per_s)

@@ -167,9 +167,6 @@ class SimInstance:
             point = r.prediction.point if r.prediction else 0
             yield RunningDecode(str(r.index), r.prompt_tokens + made, max(point - made, 0))
 
-    def has_work(self) -> bool:
-        return bool(self.queue or self._running or self.waiting or self._joining)
-
     # --- work arriving ---
 
     def enqueue_prompt(self, req: SimRequest) -> None:
