@@ -16,7 +16,12 @@ from shuffleinfer.engine.calibration import resolved_chunk_size
 from shuffleinfer.engine.instance import EngineInfo, InstanceSpec, Role
 from shuffleinfer.runtime.actors import InstanceActor, SchedulerActor
 from shuffleinfer.runtime.handles import ClusterHandles
-from shuffleinfer.runtime.placement import gpu_engine_args, instance_placement, ray_options
+from shuffleinfer.runtime.placement import (
+    InstancePlacement,
+    gpu_engine_args,
+    instance_placement,
+    ray_options,
+)
 from shuffleinfer.scheduler.policies.placement import PlacementConfig
 
 logger = logging.getLogger(__name__)
@@ -58,24 +63,26 @@ def kv_bind_host(config: ServeConfig) -> str | None:
 
 
 def instance_specs(config: ServeConfig, model_path: str, gpu: bool,
-                   kv_auth_token: str | None = None) -> list[InstanceSpec]:
-    """One spec per instance; prefill instances first. Ports are picked by each instance
-    on its own node when it starts."""
+                   kv_auth_token: str | None = None
+                   ) -> list[tuple[InstanceSpec, InstancePlacement]]:
+    """One spec per instance with where it goes; prefill instances first. Ports are
+    picked by each instance on its own node when it starts."""
     roles: list[tuple[Role, int]] = [("prefill", n) for n in range(config.num_prefill)] + \
         [("decode", n) for n in range(config.num_decode)]
+    chunk_size, _ = resolved_chunk_size(config)
     specs = []
     for index, (role, n) in enumerate(roles):
         placement = instance_placement(config, role, index, gpu)
-        specs.append(InstanceSpec(
+        specs.append((InstanceSpec(
             instance_id=f"{role}-{n}", role=role, model=model_path,
-            chunk_size=resolved_chunk_size(config)[0], dtype=engine_dtype(config, gpu),
+            chunk_size=chunk_size, dtype=engine_dtype(config, gpu),
             max_model_len=config.max_model_len, kv_host=kv_bind_host(config),
             kv_lease_s=config.kv_lease_s, kv_transport=config.kv_transport,
             kv_auth_token=kv_auth_token,
             engine_args={**gpu_engine_args(placement), **config.engine_args},
             predictor=config.predictor, prefill_order=config.prefill_order,
             sched_window=config.sched_window, admission=config.admission,
-            heavy_threshold_tokens=config.heavy_threshold_tokens))
+            heavy_threshold_tokens=config.heavy_threshold_tokens), placement))
     return specs
 
 
@@ -86,9 +93,9 @@ async def launch(config: ServeConfig, model_path: str) -> tuple[ClusterHandles, 
     actors: dict[str, Any] = {}
     # One secret per deployment: KV servers serve only pulls that carry it.
     kv_auth_token = secrets.token_hex(16)
-    specs = instance_specs(config, model_path, gpu, kv_auth_token=kv_auth_token)
-    for index, spec in enumerate(specs):
-        placement = instance_placement(config, spec.role, index, gpu)
+    planned = instance_specs(config, model_path, gpu, kv_auth_token=kv_auth_token)
+    specs = [spec for spec, _ in planned]
+    for spec, placement in planned:
         options = await asyncio.to_thread(ray_options, placement, spec.instance_id)
         actors[spec.instance_id] = InstanceActor.options(**options).remote(spec)
     infos = list(await asyncio.gather(*(_start(i, a, config.max_restarts)

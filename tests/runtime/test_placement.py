@@ -58,7 +58,7 @@ def test_tensor_parallel_instance_packs_its_gpus_on_one_node() -> None:
 
 def test_specs_carry_the_kv_settings_and_one_deployment_secret() -> None:
     config = ServeConfig(kv_transport="tcp", address="auto")
-    specs = instance_specs(config, "/m", gpu=False, kv_auth_token="s3cret")
+    specs = [spec for spec, _ in instance_specs(config, "/m", gpu=False, kv_auth_token="s3cret")]
     assert [s.instance_id for s in specs] == ["prefill-0", "decode-0"]
     assert {(s.kv_transport, s.kv_auth_token, s.kv_port) for s in specs} == {("tcp", "s3cret", 0)}
     assert specs[0].kv_host is None  # joined cluster: each instance binds its node's address
