@@ -109,23 +109,16 @@ def _validated(args: argparse.Namespace) -> tuple[list[tuple[str, SimConfig]], L
 
 
 def _check_policies(args: argparse.Namespace) -> None:
-    from shuffleinfer.scheduler.policies.admission import ADMISSION_POLICIES
-    from shuffleinfer.scheduler.policies.flip import FLIP_POLICIES
-    from shuffleinfer.scheduler.policies.placement import (
-        PLACEMENT_POLICIES,
-        PREFILL_PLACEMENT_POLICIES,
-    )
-    from shuffleinfer.scheduler.policies.prefill_order import PREFILL_ORDER_POLICIES
-    from shuffleinfer.scheduler.policies.registry import lookup
+    """The policy names, checked as `serve` checks them (ServeConfig's validators)."""
+    from pydantic import ValidationError
 
-    for flag, registry in (("prefill_order", PREFILL_ORDER_POLICIES),
-                           ("prefill_policy", PREFILL_PLACEMENT_POLICIES),
-                           ("decode_policy", PLACEMENT_POLICIES),
-                           ("admission", ADMISSION_POLICIES), ("flip_policy", FLIP_POLICIES)):
-        try:
-            lookup(registry, getattr(args, flag), "policy")  # type: ignore[arg-type]
-        except ValueError as e:
-            raise ValueError(f"--{flag.replace('_', '-')}: {e}") from None
+    names = ("prefill_order", "prefill_policy", "decode_policy", "admission", "flip_policy")
+    try:
+        ServeConfig.model_validate({n: getattr(args, n) for n in names})
+    except ValidationError as e:
+        err = e.errors()[0]
+        flag = "--" + str(err["loc"][0]).replace("_", "-")
+        raise ValueError(f"{flag}: {err['msg']}") from None
     if not 0 <= args.oracle_accuracy <= 1:
         raise ValueError(f"--oracle-accuracy must be in [0, 1], got {args.oracle_accuracy}")
 
