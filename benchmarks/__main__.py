@@ -56,6 +56,9 @@ def _compare_parser(subparsers: argparse._SubParsersAction) -> argparse.Argument
     p.add_argument("--num-decode", type=int, default=1, help="ShuffleInfer decode instances")
     p.add_argument("--replicas", type=int, default=None,
                    help="vllm-rr replicas (default: one per core)")
+    p.add_argument("--log-steps", action="store_true",
+                   help="every engine logs each step it runs (for the simulator's served "
+                   "cost model: python -m benchmarks.sim_fidelity)")
     p.add_argument("--shuffleinfer-args", default="",
                    help="extra `shuffleinfer serve` flags, quoted as one string")
     add_workload_args(p)

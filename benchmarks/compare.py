@@ -120,7 +120,7 @@ def run_compare(args: argparse.Namespace) -> int:
     dtype = resolve_dtype(args.dtype)
     settings = EngineSettings(model=args.model, model_path=model_path, dtype=dtype,
                               max_model_len=args.max_model_len, chunk_size=args.chunk_size,
-                              kv_cache_gib=args.kv_cache_gib)
+                              kv_cache_gib=args.kv_cache_gib, log_steps=args.log_steps)
     workload = build_workload(args, settings.max_model_len)
     builder = PromptBuilder.from_data(model_path, args.data_dir, seed=args.seed)
     runs = {name: run_system(name, workload, builder, settings, args) for name in systems}

@@ -43,6 +43,9 @@ class EngineSettings:
     chunk_size: int = 512
     kv_cache_gib: int = 2
     """KV cache per instance (a colocated server gets one instance's worth per core)."""
+    log_steps: bool = False
+    """Every engine logs each step it runs (vLLM's iteration details: prompt tokens,
+    decodes, seconds, KV usage) into the system's log, for `shuffleinfer.sim.served`."""
 
 
 @dataclass
@@ -91,7 +94,8 @@ def _vllm_server(settings: EngineSettings, cores: list[int], log_path: Path) -> 
            "--host", "127.0.0.1", "--port", str(port), "--dtype", settings.dtype,
            "--max-model-len", str(settings.max_model_len),
            "--max-num-batched-tokens", str(settings.chunk_size),
-           "--enable-chunked-prefill"]
+           "--enable-chunked-prefill",
+           *(["--enable-logging-iteration-details"] if settings.log_steps else [])]
     env = {"VLLM_CPU_OMP_THREADS_BIND": ",".join(map(str, cores)),
            "VLLM_CPU_KVCACHE_SPACE": str(settings.kv_cache_gib * len(cores)),
            "OMP_NUM_THREADS": str(len(cores))}
@@ -111,8 +115,12 @@ def start_system(name: str, settings: EngineSettings, log_dir: Path, *,
                "--chunk-size", str(settings.chunk_size),
                "--kv-cache-gib", str(settings.kv_cache_gib),
                "--num-prefill", str(num_prefill), "--num-decode", str(num_decode),
+               *(["--engine-arg", "enable_logging_iteration_details=true"]
+                 if settings.log_steps else []),
                *(extra_args or [])]
-        server = _spawn(cmd, {}, log_dir / "shuffleinfer.log", f"http://127.0.0.1:{port}")
+        # Ray folds alike lines from several actors into one; every engine's steps count.
+        env = {"RAY_DEDUP_LOGS": "0"} if settings.log_steps else {}
+        server = _spawn(cmd, env, log_dir / "shuffleinfer.log", f"http://127.0.0.1:{port}")
         return RunningSystem(name, [server], num_instances=num_prefill + num_decode)
     if name == "vllm":
         server = _vllm_server(settings, list(range(ncpu)), log_dir / "vllm.log")

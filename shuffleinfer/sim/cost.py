@@ -130,27 +130,55 @@ def fit_cost_model(name: str, prefill: list[tuple[int, float, float]],
                    decode: list[tuple[int, int, float]], *, kv_bytes_per_token: float,
                    link_bytes_per_s: float, source: str = "") -> tuple[LinearCost, FitReport]:
     """Least-squares fit of the step model to measured steps: `prefill` as (tokens, attn,
-    seconds), `decode` as (batch, context, seconds). Errors are weighed relative to each
-    step's latency (a 10 ms step matters as much as a 1 s one). Coefficients are kept
-    >= 0 (a negative one is dropped and the rest refitted) so no step is predicted faster
-    when it does more work. Raises ValueError with fewer than 3 steps of a kind."""
+    seconds), `decode` as (batch, context, seconds). See `fit_steps`."""
+    steps = [StepSample(int(t), a, 0, 0, s) for t, a, s in prefill] \
+        + [StepSample(0, 0.0, int(b), int(c), s) for b, c, s in decode]
+    return fit_steps(name, steps, kv_bytes_per_token=kv_bytes_per_token,
+                     link_bytes_per_s=link_bytes_per_s, source=source)
+
+
+@dataclass(frozen=True)
+class StepSample:
+    """One measured engine step: prompt tokens and attention work (`LinearCost`'s T and
+    A), decodes and their summed context (B and C), and its seconds."""
+
+    tokens: int
+    attn: float
+    batch: int
+    context: int
+    seconds: float
+
+
+def fit_steps(name: str, steps: list[StepSample], *, kv_bytes_per_token: float,
+              link_bytes_per_s: float, source: str = "") -> tuple[LinearCost, FitReport]:
+    """Least-squares fit of the step model to measured steps. The decode part is fitted on
+    the steps without prompt work; the prefill part on the others, less their decodes'
+    share by that fit (so steps that mix both, as a colocated engine runs, count too).
+    Errors are weighed relative to each step's latency (a 10 ms step matters as much as a
+    1 s one). Coefficients are kept >= 0 (a negative one is dropped and the rest refitted)
+    so no step is predicted faster when it does more work. Raises ValueError with fewer
+    than 3 steps of a kind."""
+    prefill = [s for s in steps if s.tokens > 0]
+    decode = [s for s in steps if s.tokens == 0]
     if len(prefill) < 3 or len(decode) < 3:
         raise ValueError(f"need at least 3 prefill and 3 decode steps, got {len(prefill)} "
                          f"and {len(decode)}")
-    p = np.array(prefill, dtype=float)
-    d = np.array(decode, dtype=float)
-    pc = _nonnegative_lstsq(np.column_stack([np.ones(len(p)), p[:, 0], p[:, 1]]), p[:, 2])
+    d = np.array([(s.batch, s.context, s.seconds) for s in decode], dtype=float)
     dc = _nonnegative_lstsq(np.column_stack([np.ones(len(d)), d[:, 0], d[:, 1]]), d[:, 2])
+    p = np.array([(s.tokens, s.attn, s.seconds - dc[1] * s.batch - dc[2] * s.context)
+                  for s in prefill], dtype=float)
+    pc = _nonnegative_lstsq(np.column_stack([np.ones(len(p)), p[:, 0], p[:, 1]]),
+                            np.maximum(p[:, 2], 1e-6))
     model = LinearCost(name, prefill_base_s=pc[0], prefill_per_token_s=pc[1],
                        prefill_per_attn_s=pc[2], decode_base_s=dc[0], decode_per_req_s=dc[1],
                        decode_per_ctx_s=dc[2], kv_bytes_per_token=kv_bytes_per_token,
                        link_bytes_per_s=link_bytes_per_s, source=source)
-    p_pred = np.array([model.prefill_s(int(t), a) for t, a, _ in prefill])
-    d_pred = np.array([model.decode_s(int(b), int(c)) for b, c, _ in decode])
-    report = FitReport(len(p), len(d),
-                       float(np.mean(np.abs(p_pred - p[:, 2]) / p[:, 2])),
-                       float(np.mean(np.abs(d_pred - d[:, 2]) / d[:, 2])))
-    return model, report
+
+    def error(kind: list[StepSample]) -> float:
+        return float(np.mean([abs(model.step_s(s.tokens, s.attn, s.batch, s.context)
+                                  - s.seconds) / s.seconds for s in kind]))
+
+    return model, FitReport(len(prefill), len(decode), error(prefill), error(decode))
 
 
 def _nonnegative_lstsq(x: np.ndarray, y: np.ndarray) -> list[float]:

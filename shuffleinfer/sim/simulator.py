@@ -71,6 +71,9 @@ class SimConfig:
     bucket_width: int = 200
     max_tokens: int = 4096
     monitor_interval_s: float = 0.1
+    request_overhead_s: float = 0.0
+    """From a request's arrival to its placement: the serving path in front of the
+    engines (HTTP, routing), which a GPU cluster's simulation can leave at 0."""
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -169,7 +172,7 @@ class Simulator:
         reqs = [SimRequest(i, r.arrival_s, max(r.prompt_tokens, 1), max(r.output_tokens, 1))
                 for i, r in enumerate(requests)]
         for r in reqs:
-            self._push(r.arrival_s, _ARRIVAL, r)
+            self._push(r.arrival_s + self.config.request_overhead_s, _ARRIVAL, r)
         self._refresh_views(self.instances)
         self._arrange()
         self._push(self.config.monitor_interval_s, _MONITOR, None)
@@ -312,19 +315,15 @@ class Simulator:
     # --- the cluster monitor ---
 
     def _refresh_views(self, ids: Iterable[str]) -> None:
+        instances, views = self.instances, self.views
         for i in ids:
-            x = self.instances[i]
-            self.views[i] = InstanceView(
-                i, x.num_running + len(x.queue) + len(x.waiting), x.queued_tokens,
-                num_free_kv_tokens=x.free_kv_tokens(), num_heavy_reqs=x.num_heavy,
-                num_light_reqs=x.num_light,
-                num_predicted_decode_tokens=x.predicted_remaining_tokens())
+            views[i] = instances[i].view()
 
     def _monitor(self) -> None:
         self._refresh_views(self.views.dirty)
         self.views.dirty.clear()
-        if not self._flips and not self.roster.flipping():
-            return
+        if not self._flips:
+            return  # nothing flips here but the policy (no admin routes in a simulation)
         loads = {i: InstanceLoad(i, self.roster.role(i), ready=True,
                                  num_running_reqs=x.num_running + len(x.queue),
                                  num_waiting_reqs=len(x.waiting),
