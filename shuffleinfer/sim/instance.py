@@ -6,6 +6,12 @@ its prefill queue in the order policy's order, prompt slices up to the chunk siz
 colocated vLLM counts the decodes against the same budget). Its latency comes from the
 cost model.
 
+KV: a prompt holds its whole length from its first slice until its prefill ends, a decode
+its context. A colocated vLLM starts a new prompt only while its KV has room for it, in
+arrival order (vLLM's waiting queue waits at its head); decodes that outgrow the cache are
+not preempted here, the cache just admits no new prompt until they end (vLLM would
+preempt and recompute, which costs it more).
+
 Steps that only decode are run many at a time ("macro steps") up to the next decode's
 end: with B decodes whose context grows by B per step, n steps take
 `n * u + c * B * n * (n - 1) / 2` (u: the first step, c: seconds per context token), so
@@ -22,7 +28,7 @@ from __future__ import annotations
 import heapq
 import math
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from shuffleinfer.scheduler.policies.admission import (
@@ -31,6 +37,7 @@ from shuffleinfer.scheduler.policies.admission import (
     RunningDecode,
     WaitingDecode,
 )
+from shuffleinfer.scheduler.policies.placement import InstanceView
 from shuffleinfer.scheduler.policies.prefill_order import (
     PrefillOrderPolicy,
     QueuedPrompt,
@@ -40,7 +47,7 @@ from shuffleinfer.scheduler.prediction import Prediction
 from shuffleinfer.sim.cost import LinearCost
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class SimRequest:
     """One request's life in the simulator (times in simulated seconds)."""
 
@@ -58,7 +65,7 @@ class SimRequest:
     handover_s: float = 0.0
 
 
-@dataclass
+@dataclass(slots=True)
 class _Step:
     started_s: float
     ends_s: float
@@ -67,7 +74,7 @@ class _Step:
     first_step_s: float = 0.0
     growth_s: float = 0.0
     """Each further step of a macro step costs this much more than the one before."""
-    slices: list[tuple[SimRequest, int]] = field(default_factory=list)
+    slices: tuple[tuple[SimRequest, int], ...] = ()
 
 
 class _LazyRunning(Sequence[RunningDecode]):
@@ -121,6 +128,8 @@ class SimInstance:
         self.step = 0
         self._sum_prompt = 0
         self._sum_join = 0
+        self._prompts_held = 0
+        """Whole lengths of the prompts whose prefill has started and not ended."""
         self.current: _Step | None = None
         self.version = 0
         """Bumped whenever the scheduled end of the current step changes."""
@@ -146,7 +155,7 @@ class SimInstance:
         return self._sum_prompt + b * (1 + self.step) - self._sum_join
 
     def free_kv_tokens(self) -> int:
-        held = self.context_tokens() + self._joining_tokens
+        held = self.context_tokens() + self._joining_tokens + self._prompts_held
         return max(self.kv_capacity_tokens - held, 0)
 
     def count_decode(self, prediction: Prediction, heavy: bool, sign: int) -> None:
@@ -160,6 +169,15 @@ class SimInstance:
         others' remainders, which keeps this O(1))."""
         made = len(self._running) * (1 + self.step) - self._sum_join
         return max(self._sum_point - made, 0)
+
+    def view(self) -> InstanceView:
+        """What the cluster monitor reports of this instance (its load now)."""
+        b = len(self._running)
+        made = b * (1 + self.step) - self._sum_join
+        held = self._sum_prompt + made + self._joining_tokens + self._prompts_held
+        return InstanceView(self.instance_id, b + len(self.queue) + len(self.waiting),
+                            self._queued_tokens, max(self.kv_capacity_tokens - held, 0),
+                            self.num_heavy, self.num_light, max(self._sum_point - made, 0))
 
     def running_views(self) -> Iterator[RunningDecode]:
         for _, _, r in self._running:
@@ -229,7 +247,8 @@ class SimInstance:
             return None
         context = self.context_tokens()
         if slices:
-            step = _Step(now, now + self.cost.step_s(tokens, attn, b, context), 1, slices=slices)
+            step = _Step(now, now + self.cost.step_s(tokens, attn, b, context), 1, 0.0, 0.0,
+                         tuple(slices))
         else:
             first = self.cost.decode_s(b, context)
             growth = self.cost.decode_per_ctx_s * b
@@ -238,6 +257,7 @@ class SimInstance:
         for req, _ in slices:
             if req.prefill_started_s is None:
                 req.prefill_started_s = now
+                self._prompts_held += req.prompt_tokens
         self.current = step
         self.version += 1
         return step
@@ -246,14 +266,20 @@ class SimInstance:
         """The queued prompts the next chunk can take, for the order policy: the started
         ones, then whole windows of arrivals until they hold `budget` tokens. The policy
         ranks started prompts first, then by window, so later windows could not get in;
-        leaving them out keeps a long queue from being sorted at every step."""
+        leaving them out keeps a long queue from being sorted at every step. A colocated
+        instance offers new prompts only while its KV has room for them."""
         window = self.order.config.sched_window
         chosen = [self.queue[i] for i in self._started]
         tokens = sum(p.num_remaining_tokens for p in chosen)
         last_window = None
+        room = self.free_kv_tokens() if self.colocated else None
         for index, prompt in self.queue.items():
             if index in self._started:
                 continue
+            if room is not None:
+                if prompt.num_prompt_tokens > room and (chosen or self._running):
+                    break  # (an idle engine takes its head prompt whatever its length)
+                room -= prompt.num_prompt_tokens
             w = prompt.arrival_seq // window
             if tokens >= budget and w != last_window:
                 break
@@ -290,6 +316,7 @@ class SimInstance:
             if queued.num_computed_tokens + n >= req.prompt_tokens:
                 del self.queue[req.index], self.queued[req.index]
                 self._started.discard(req.index)
+                self._prompts_held -= req.prompt_tokens
                 req.first_token_s = step.ends_s
                 prefilled.append(req)
             else:

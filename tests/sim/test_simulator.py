@@ -59,6 +59,19 @@ def test_colocated_steps_mix_prompt_chunks_and_decodes() -> None:
     assert a.finished_at_s == pytest.approx(0.140 + 0.007 + 0.006)
 
 
+def test_a_colocated_instance_starts_a_prompt_only_while_its_kv_has_room() -> None:
+    # KV for 150 tokens. A (100 prompt, 4 output) holds 100-103 tokens while it decodes,
+    # so B (60 prompt), arriving during A's prefill, waits until A ends: 110 ms prefill,
+    # then 3 decode steps of 6 ms; B's prefill 10 + 60 ms after that.
+    reqs = [TraceRequest(0.0, 100, 4), TraceRequest(0.01, 60, 2)]
+    a, b = simulate(reqs, SimConfig(colocated=1, kv_capacity_tokens=150), SIMPLE).records
+    assert a.finished_at_s == pytest.approx(0.110 + 3 * 0.006)
+    assert b.first_token_at_s == pytest.approx(a.finished_at_s + 0.070)
+    # With room for both, B's prompt shares A's first decode step.
+    a, b = simulate(reqs, SimConfig(colocated=1, kv_capacity_tokens=1000), SIMPLE).records
+    assert b.first_token_at_s == pytest.approx(0.110 + 0.010 + 0.060 + 0.001)
+
+
 @pytest.mark.parametrize("config", [
     SimConfig(num_prefill=2, num_decode=3, chunk_size=256, kv_capacity_tokens=20_000),
     SimConfig(num_prefill=2, num_decode=2, admission="reserve_dynamic", oracle_accuracy=0.6,

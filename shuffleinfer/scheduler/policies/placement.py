@@ -14,7 +14,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from operator import attrgetter
-from typing import ClassVar, Literal
+from typing import ClassVar, Literal, NamedTuple
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -34,9 +34,10 @@ class PlacementConfig(BaseModel):
         "(the paper's schedulers use the bucket's lower bound)."))
 
 
-@dataclass(frozen=True, slots=True)
-class InstanceView:
-    """What a placement policy may know about a candidate instance."""
+class InstanceView(NamedTuple):
+    """What a placement policy may know about a candidate instance. A named tuple: as
+    immutable as a frozen dataclass and three times cheaper to build, which the simulator
+    does for every placement and monitor report."""
 
     instance_id: str
     num_running_reqs: int
@@ -131,8 +132,17 @@ class RandomPick(PlacementPolicy):
 
 
 def two_choices(candidates: Sequence[InstanceView], rng: random.Random) -> list[InstanceView]:
-    """Two distinct random candidates (the only one if there is one)."""
-    return list(candidates) if len(candidates) < 2 else rng.sample(list(candidates), 2)
+    """Two distinct random candidates (the only one if there is one); O(1), however many
+    candidates there are."""
+    n = len(candidates)
+    if n < 2:
+        return list(candidates)
+    first, second = rng.randrange(n), rng.randrange(n - 1)
+    return [candidates[first], candidates[second + (second >= first)]]
+
+
+_ALPHA_DRAWS = 8
+"""Random draws `Shuffle` tries for its two members of α before it lists α whole."""
 
 
 class PowerOfTwo(PlacementPolicy):
@@ -169,9 +179,8 @@ class Shuffle(PlacementPolicy):
             pair = two_choices(candidates, self.rng)
             return PlacementDecision(min(pair, key=load_key).instance_id, "no_prediction")
         need = request.num_prompt_tokens + prediction.tokens(self.config.kv_bound)
-        alpha = [c for c in candidates
-                 if c.num_free_kv_tokens is None or c.num_free_kv_tokens >= need]
-        if not alpha:
+        pair = self._two_of_alpha(candidates, need)
+        if not pair:
             return PlacementDecision(min(candidates, key=load_key).instance_id, "alpha_empty")
         heavy = is_heavy(prediction, self.config)
 
@@ -182,7 +191,27 @@ class Shuffle(PlacementPolicy):
             return (num_heavy, ratio, load_key(view)) if heavy else \
                 (ratio, num_heavy, load_key(view))
 
-        return PlacementDecision(min(two_choices(alpha, self.rng), key=mix_after).instance_id)
+        return PlacementDecision(min(pair, key=mix_after).instance_id)
+
+    def _two_of_alpha(self, candidates: Sequence[InstanceView],
+                      need: int) -> list[InstanceView]:
+        """Two distinct random members of α (fewer if α has fewer), uniformly. Drawn from
+        the candidates and kept if they fit, which costs O(1) when most fit; only after
+        `_ALPHA_DRAWS` draws without two is α listed (a full pass over the candidates)."""
+        def fits(view: InstanceView) -> bool:
+            return view.num_free_kv_tokens is None or view.num_free_kv_tokens >= need
+
+        n = len(candidates)
+        first: InstanceView | None = None
+        for _ in range(_ALPHA_DRAWS if n > 2 else 0):
+            view = candidates[self.rng.randrange(n)]
+            if not fits(view):
+                continue
+            if first is None:
+                first = view
+            elif view.instance_id != first.instance_id:
+                return [first, view]
+        return two_choices([c for c in candidates if fits(c)], self.rng)
 
 
 PLACEMENT_POLICIES: dict[str, type[PlacementPolicy]] = {
