@@ -38,7 +38,7 @@ class Prediction:
 
     def tokens(self, bound: Bound) -> int:
         """The estimate a policy configured with `bound` uses."""
-        return {"lower": self.lower, "point": self.point, "upper": self.upper}[bound]
+        return getattr(self, bound)  # type: ignore[no-any-return]
 
 
 @dataclass(frozen=True)

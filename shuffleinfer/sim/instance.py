@@ -105,7 +105,7 @@ class SimInstance:
 
     def __init__(self, instance_id: str, *, chunk_size: int, kv_capacity_tokens: int,
                  cost: LinearCost, order: PrefillOrderPolicy, admission: AdmissionPolicy,
-                 colocated: bool = False) -> None:
+                 colocated: bool = False, chunked: bool = True) -> None:
         self.instance_id = instance_id
         self.chunk_size = chunk_size
         self.kv_capacity_tokens = kv_capacity_tokens
@@ -113,6 +113,9 @@ class SimInstance:
         self.order = order
         self.admission = admission
         self.colocated = colocated
+        self.chunked = chunked
+        """False: prompts run whole, in steps without decodes (vLLM before chunked
+        prefill); `chunk_size` is then the step's token budget."""
         self.queue: dict[int, QueuedPrompt] = {}
         """Waiting prompts in arrival order (dicts keep insertion order)."""
         self.queued: dict[int, SimRequest] = {}
@@ -231,29 +234,28 @@ class SimInstance:
 
     def start_step(self, now: float) -> _Step | None:
         """Plan the next step (or macro step) from `now`; None when there is no work."""
+        if not self.queue:  # decodes only (or nothing)
+            return self._start_decodes(now) if self._running else self._idle()
+        if not self.chunked:
+            return self._start_whole_prompts(now)
         budget = self.chunk_size - (len(self._running) if self.colocated else 0)
         slices: list[tuple[SimRequest, int]] = []
         tokens, attn = 0, 0.0
         if self.queue and budget > 0:
-            for s in fill_chunk(self.order.order(self._candidates(budget)), budget):
+            candidates = self._candidates(budget)
+            if len(candidates) > 1:  # (one has no order to find)
+                candidates = self.order.order(candidates)
+            for s in fill_chunk(candidates, budget):
                 index = int(s.req_id)
                 done = self.queue[index].num_computed_tokens
                 slices.append((self.queued[index], s.num_tokens))
                 tokens += s.num_tokens
                 attn += s.num_tokens * (done + s.num_tokens)
-        b = len(self._running)
-        if not slices and not b:
-            self.current = None
-            return None
-        context = self.context_tokens()
-        if slices:
-            step = _Step(now, now + self.cost.step_s(tokens, attn, b, context), 1, 0.0, 0.0,
-                         tuple(slices))
-        else:
-            first = self.cost.decode_s(b, context)
-            growth = self.cost.decode_per_ctx_s * b
-            n = self._running[0][0] - self.step  # steps to the next decode's end
-            step = _Step(now, now + _macro_s(n, first, growth), n, first, growth)
+        if not slices:
+            return self._start_decodes(now) if self._running else self._idle()
+        step = _Step(now, now + self.cost.step_s(tokens, attn, len(self._running),
+                                                 self.context_tokens()),
+                     1, 0.0, 0.0, tuple(slices))
         for req, _ in slices:
             if req.prefill_started_s is None:
                 req.prefill_started_s = now
@@ -261,6 +263,43 @@ class SimInstance:
         self.current = step
         self.version += 1
         return step
+
+    def _start_whole_prompts(self, now: float) -> _Step | None:
+        """Prefill first, unchunked: the waiting prompts that fit the budget (and KV), whole,
+        in order, in a step of their own; the decodes only when no prompt is waiting."""
+        slices: list[tuple[SimRequest, int]] = []
+        tokens = 0
+        for prompt in self.order.order(self._candidates(self.chunk_size)):
+            if tokens + prompt.num_prompt_tokens > self.chunk_size and slices:
+                break
+            slices.append((self.queued[int(prompt.req_id)], prompt.num_prompt_tokens))
+            tokens += prompt.num_prompt_tokens
+        if not slices:
+            return self._start_decodes(now) if self._running else self._idle()
+        attn = float(sum(n * n for _, n in slices))
+        # steps=0: the running decodes make no token in it.
+        step = self.current = _Step(now, now + self.cost.prefill_s(tokens, attn), 0, 0.0, 0.0,
+                                    tuple(slices))
+        for req, _ in slices:
+            req.prefill_started_s = now
+            self._prompts_held += req.prompt_tokens
+        self.version += 1
+        return step
+
+    def _start_decodes(self, now: float) -> _Step:
+        """A macro step of the running decodes, up to the next one's end."""
+        b = len(self._running)
+        first = self.cost.decode_s(b, self.context_tokens())
+        growth = self.cost.decode_per_ctx_s * b
+        n = self._running[0][0] - self.step  # steps to the next decode's end
+        step = self.current = _Step(now, now + _macro_s(n, first, growth), n, first, growth)
+        self.version += 1
+        return step
+
+    def _idle(self) -> _Step | None:
+        """No work: no step (None)."""
+        self.current = None
+        return None
 
     def _candidates(self, budget: int) -> list[QueuedPrompt]:
         """The queued prompts the next chunk can take, for the order policy: the started

@@ -46,7 +46,7 @@ from shuffleinfer.sim.instance import SimInstance, SimRequest
 from shuffleinfer.sim.oracle import OraclePredictor
 from shuffleinfer.sim.views import ViewBoard
 
-_ARRIVAL, _STEP_END, _HANDOVER_DONE, _MONITOR = range(4)
+_STEP_END, _HANDOVER_DONE, _MONITOR = range(3)
 
 
 @dataclass(frozen=True)
@@ -57,6 +57,10 @@ class SimConfig:
     num_decode: int = 1
     colocated: int = 0
     """> 0: that many colocated vLLM instances instead (the baseline)."""
+    colocated_chunked: bool = True
+    """How the colocated vLLM schedules: True, chunked prefill (vLLM's default since 0.6:
+    prompt chunks ride in the decodes' steps); False, prefill first (vLLM's default before:
+    waiting prompts run whole in a step of their own while every decode waits)."""
     chunk_size: int = 512
     kv_capacity_tokens: int = 100_000
     prefill_order: str = "sjf"
@@ -128,7 +132,8 @@ class Simulator:
         def instance(instance_id: str, colocated: bool = False) -> SimInstance:
             return SimInstance(instance_id, chunk_size=c.chunk_size,
                                kv_capacity_tokens=c.kv_capacity_tokens, cost=cost,
-                               order=order, admission=admission, colocated=colocated)
+                               order=order, admission=admission, colocated=colocated,
+                               chunked=c.colocated_chunked or not colocated)
 
         if c.colocated:
             ids = [f"vllm-{i}" for i in range(c.colocated)]
@@ -171,32 +176,40 @@ class Simulator:
              progress: Callable[[int], None] | None) -> SimResult:
         reqs = [SimRequest(i, r.arrival_s, max(r.prompt_tokens, 1), max(r.output_tokens, 1))
                 for i, r in enumerate(requests)]
-        for r in reqs:
-            self._push(r.arrival_s + self.config.request_overhead_s, _ARRIVAL, r)
+        # Arrivals are read in order beside the event heap rather than pushed into it: the
+        # heap stays as small as the events in flight. At equal times an arrival goes first.
+        arrivals = sorted(reqs, key=lambda r: r.arrival_s)
+        delay = self.config.request_overhead_s
         self._refresh_views(self.instances)
         self._arrange()
         self._push(self.config.monitor_interval_s, _MONITOR, None)
         self._in_flight = len(reqs)
-        done_since = 0
-        while self._events:
-            at, _, kind, payload = heapq.heappop(self._events)
-            if kind == _MONITOR and self._in_flight == 0:
+        events, pop = self._events, heapq.heappop
+        done_since, next_arrival = 0, 0
+        while events or next_arrival < len(arrivals):
+            if next_arrival < len(arrivals) and (
+                    not events or arrivals[next_arrival].arrival_s + delay <= events[0][0]):
+                req = arrivals[next_arrival]
+                next_arrival += 1
+                self.now = req.arrival_s + delay
+                self._arrive(req)
                 continue
-            self.now = at
-            if kind == _ARRIVAL:
-                self._arrive(payload)
-            elif kind == _STEP_END:
+            at, _, kind, payload = pop(events)
+            if kind == _STEP_END:
                 instance, version = payload
                 if instance.version == version:
+                    self.now = at
                     done_since += self._step_end(instance)
+                    if progress is not None and done_since >= 1000:
+                        progress(done_since)
+                        done_since = 0
             elif kind == _HANDOVER_DONE:
+                self.now = at
                 self._handed_over(payload)
-            else:
+            elif self._in_flight:
+                self.now = at
                 self._monitor()
                 self._push(at + self.config.monitor_interval_s, _MONITOR, None)
-            if progress is not None and done_since >= 1000:
-                progress(done_since)
-                done_since = 0
         if progress is not None and done_since:
             progress(done_since)
         start = min((r.arrival_s for r in reqs), default=0.0)
@@ -269,7 +282,11 @@ class Simulator:
                 self._to_decode(req)
         if ended:
             instance.admit_decodes()
-        self._start(instance)
+        step = instance.start_step(self.now)
+        if step is not None:
+            heapq.heappush(self._events, (step.ends_s, self._seq, _STEP_END,
+                                          (instance, instance.version)))
+            self._seq += 1
         return len(ended) + sum(r.output_tokens == 1 for r in prefilled)
 
     def _end(self, req: SimRequest) -> None:

@@ -59,6 +59,19 @@ def test_colocated_steps_mix_prompt_chunks_and_decodes() -> None:
     assert a.finished_at_s == pytest.approx(0.140 + 0.007 + 0.006)
 
 
+def test_colocated_prefill_first_runs_whole_prompts_while_decodes_wait() -> None:
+    # vLLM before chunked prefill: A's 100 tokens run whole in one step (110 ms); B arrives
+    # during it, and its prompt runs alone next (30 ms) while A's decode waits; then both
+    # decode (7 ms a step).
+    reqs = [TraceRequest(0.0, 100, 3), TraceRequest(0.01, 20, 2)]
+    config = SimConfig(colocated=1, colocated_chunked=False)
+    a, b = simulate(reqs, config, SIMPLE).records
+    assert a.first_token_at_s == pytest.approx(0.110)
+    assert b.first_token_at_s == pytest.approx(0.140)
+    assert b.finished_at_s == pytest.approx(0.147)
+    assert a.finished_at_s == pytest.approx(0.153)
+
+
 def test_a_colocated_instance_starts_a_prompt_only_while_its_kv_has_room() -> None:
     # KV for 150 tokens. A (100 prompt, 4 output) holds 100-103 tokens while it decodes,
     # so B (60 prompt), arriving during A's prefill, waits until A ends: 110 ms prefill,
@@ -77,7 +90,8 @@ def test_a_colocated_instance_starts_a_prompt_only_while_its_kv_has_room() -> No
     SimConfig(num_prefill=2, num_decode=2, admission="reserve_dynamic", oracle_accuracy=0.6,
               kv_capacity_tokens=8_000, flip_policy="idle_or_imbalance"),
     SimConfig(colocated=3, chunk_size=256),
-], ids=["disaggregated", "tight-kv-flips", "colocated"])
+    SimConfig(colocated=2, chunk_size=1024, colocated_chunked=False, kv_capacity_tokens=9_000),
+], ids=["disaggregated", "tight-kv-flips", "colocated", "colocated-prefill-first"])
 def test_every_request_ends_once_and_in_order_of_its_life(config: SimConfig) -> None:
     reqs = stream(600, seed=1)
     result = simulate(reqs, config, SIMPLE)

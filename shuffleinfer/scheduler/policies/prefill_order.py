@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -28,8 +28,7 @@ class PrefillOrderConfig(BaseModel):
         "Prompts are reordered only within windows of this many arrivals (the paper: 16)."))
 
 
-@dataclass(frozen=True)
-class QueuedPrompt:
+class QueuedPrompt(NamedTuple):
     """A prompt waiting in a prefill instance's local queue."""
 
     req_id: str
@@ -44,8 +43,7 @@ class QueuedPrompt:
         return self.num_prompt_tokens - self.num_computed_tokens
 
 
-@dataclass(frozen=True)
-class ChunkSlice:
+class ChunkSlice(NamedTuple):
     """`num_tokens` of `req_id`'s prompt go into the chunk."""
 
     req_id: str
