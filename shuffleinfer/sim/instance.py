@@ -63,6 +63,15 @@ class SimRequest:
     finished_s: float | None = None
     join_step: int = 0
     handover_s: float = 0.0
+    _waiting: WaitingDecode | None = None
+
+    def waiting_view(self) -> WaitingDecode:
+        """What the admission policy sees of it while it waits (built once)."""
+        if self._waiting is None:
+            self._waiting = WaitingDecode(str(self.index), self.prompt_tokens + 1,
+                                          self.prediction or Prediction(0, 0, 0, 0),
+                                          num_output_tokens=0)
+        return self._waiting
 
 
 @dataclass(slots=True)
@@ -202,9 +211,7 @@ class SimInstance:
         after steps that freed KV)."""
         if not self.waiting:
             return
-        waiting = [WaitingDecode(str(r.index), r.prompt_tokens + 1,
-                                 r.prediction or Prediction(0, 0, 0, 0), num_output_tokens=0)
-                   for r in self.waiting]
+        waiting = [r.waiting_view() for r in self.waiting]
         free = self.free_kv_tokens()
         decision = self.admission.schedule(AdmissionSnapshot(waiting, _LazyRunning(self), free))
         admitted = set(decision.admit)
@@ -375,9 +382,10 @@ class SimInstance:
             self._sum_join -= req.join_step
             ended.append(req)
         self.current = None
-        for req in self._joining:
-            self.join_running(req)
-        self._joining, self._joining_tokens = [], 0
+        if self._joining:
+            for req in self._joining:
+                self.join_running(req)
+            self._joining, self._joining_tokens = [], 0
         return prefilled, ended
 
 

@@ -24,6 +24,8 @@ class OraclePredictor:
         self.accuracy = accuracy
         self.width = width
         self.rng = random.Random(seed)
+        self._made: dict[tuple[int, int], Prediction] = {}
+        """Predictions are immutable and few (one per bucket and max_tokens): built once."""
 
     def predict(self, true_output_tokens: int, max_tokens: int) -> Prediction:
         last = max(max_tokens - 1, 0) // self.width
@@ -31,6 +33,10 @@ class OraclePredictor:
         if self.rng.random() >= self.accuracy and last > 0:
             step = self.rng.choice((-1, 1))
             bucket = bucket + step if 0 <= bucket + step <= last else bucket - step
-        lower = bucket * self.width
-        upper = min((bucket + 1) * self.width - 1, max_tokens)
-        return Prediction(lower=lower, upper=upper, point=(lower + upper) // 2, bucket=bucket)
+        made = self._made.get((bucket, max_tokens))
+        if made is None:
+            lower = bucket * self.width
+            upper = min((bucket + 1) * self.width - 1, max_tokens)
+            made = self._made[bucket, max_tokens] = Prediction(
+                lower=lower, upper=upper, point=(lower + upper) // 2, bucket=bucket)
+        return made

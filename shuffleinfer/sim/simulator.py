@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import gc
 import heapq
+import math
 import random
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -185,14 +186,17 @@ class Simulator:
         self._push(self.config.monitor_interval_s, _MONITOR, None)
         self._in_flight = len(reqs)
         events, pop = self._events, heapq.heappop
+        times = [r.arrival_s + delay for r in arrivals]
+        times.append(math.inf)
         done_since, next_arrival = 0, 0
-        while events or next_arrival < len(arrivals):
-            if next_arrival < len(arrivals) and (
-                    not events or arrivals[next_arrival].arrival_s + delay <= events[0][0]):
-                req = arrivals[next_arrival]
+        while True:
+            t = times[next_arrival]
+            if t <= (events[0][0] if events else math.inf):
+                if t == math.inf:
+                    break
+                self.now = t
+                self._arrive(arrivals[next_arrival])
                 next_arrival += 1
-                self.now = req.arrival_s + delay
-                self._arrive(req)
                 continue
             at, _, kind, payload = pop(events)
             if kind == _STEP_END:
@@ -228,28 +232,26 @@ class Simulator:
 
     # --- placement ---
 
-    def _place(self, role: str, request: PlacementRequest) -> str:
-        placer = self.decode_placer if role == "decode" else self.prefill_placer
-        return placer.place(request, self.views.candidates(role)).instance_id
-
     def _arrange(self) -> None:
         self.views.arrange({role: self.roster.active(role)  # type: ignore[arg-type]
                             for role in ("prefill", "decode")})
 
     def _arrive(self, req: SimRequest) -> None:
-        role = "prefill"
-        instance_id = self._place(role, PlacementRequest(str(req.index), req.prompt_tokens))
+        views = self.views
+        instance_id = self.prefill_placer.place(
+            PlacementRequest(str(req.index), req.prompt_tokens),
+            views.candidates("prefill")).instance_id
         req.prefill_id = instance_id
-        v = self.views[instance_id]
-        # Built field by field: dataclasses.replace costs several times more, per request.
-        self.views[instance_id] = InstanceView(
+        v = views[instance_id]
+        # Built field by field: _replace costs more, per request.
+        views[instance_id] = InstanceView(
             instance_id, v.num_running_reqs + 1, v.num_queued_prompt_tokens + req.prompt_tokens,
             v.num_free_kv_tokens, v.num_heavy_reqs, v.num_light_reqs,
             v.num_predicted_decode_tokens)
         self._held[instance_id] += 1
         instance = self.instances[instance_id]
         instance.enqueue_prompt(req)
-        self.views.dirty.add(instance_id)
+        views.dirty.add(instance_id)
         self._wake(instance)
 
     def _wake(self, instance: SimInstance) -> None:
@@ -299,8 +301,9 @@ class Simulator:
 
     def _to_decode(self, req: SimRequest) -> None:
         req.prediction = self.oracle.predict(req.output_tokens, self.config.max_tokens)
-        decode_id = self._place("decode", PlacementRequest(
-            str(req.index), req.prompt_tokens, req.prediction))
+        decode_id = self.decode_placer.place(
+            PlacementRequest(str(req.index), req.prompt_tokens, req.prediction),
+            self.views.candidates("decode")).instance_id
         req.decode_id = decode_id
         v = self.views[decode_id]
         heavy = is_heavy(req.prediction, self.placement)
