@@ -35,7 +35,8 @@ _SERVE_FLAGS: dict[str, Callable[[str], Any]] = {
     "gpus_per_instance": int, "max_restarts": int,
     "prefill_order": str, "sched_window": int, "admission": str,
     "heavy_threshold_tokens": int, "monitor_interval_ms": int, "flip_policy": str,
-    "flip_idle_s": float, "flip_options": json_object,
+    "flip_idle_s": float, "flip_options": json_object, "max_num_requests": int,
+    "retry_after_s": int,
 }
 
 

@@ -77,6 +77,12 @@ class ServeConfig(BaseModel):
         "in one placement group on one node."))
     max_restarts: int = Field(0, ge=-1, description=(
         "Times Ray restarts a dead instance actor (-1: without limit)."))
+    max_num_requests: int = Field(1024, ge=1, le=1 << 20, description=(
+        "Generation requests the server holds at once (running or waiting anywhere in the "
+        "cluster); past it, new ones are refused at once with HTTP 429 and Retry-After, "
+        "so a burst cannot grow queues and memory without bound."))
+    retry_after_s: int = Field(1, ge=1, le=3600, description=(
+        "Seconds a refused (429) client is told to wait before retrying (Retry-After)."))
     api_key: str | None = Field(None, min_length=1, description=(
         "If set, /v1 needs this Bearer token."))
     admin_token: str | None = Field(None, min_length=1, description=(

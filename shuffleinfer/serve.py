@@ -59,7 +59,8 @@ async def start_app(config: ServeConfig, model_path: str) -> tuple[FastAPI, Clus
                          tokenizer=tokenizer, predictor_push_s=config.predictor_push_s,
                          monitor_interval_s=config.monitor_interval_ms / 1000)
     app = create_app(backend, served_model_name=name, api_key=config.api_key,
-                     admin_token=admin_token(config))
+                     admin_token=admin_token(config), max_num_requests=config.max_num_requests,
+                     retry_after_s=config.retry_after_s)
     return app, handles
 
 

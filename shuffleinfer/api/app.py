@@ -22,6 +22,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from shuffleinfer.api.admin import AdminRoutes
 from shuffleinfer.api.errors import check_bearer, install_error_handlers, parse_body
 from shuffleinfer.api.generation import Generation, cancel_on_disconnect
+from shuffleinfer.api.limits import RequestLimit
 from shuffleinfer.api.metrics import ApiMetrics
 from shuffleinfer.api.openai_models import ChatCompletionRequest, CompletionRequest
 from shuffleinfer.api.prediction_metrics import PredictionMetrics
@@ -51,13 +52,15 @@ def endpoint_label(request: Request) -> str:
 class Server:
     """The state behind the routes: backend, model names, api key and metrics."""
 
-    def __init__(self, backend: Backend, served_model_name: str, api_key: str | None):
+    def __init__(self, backend: Backend, served_model_name: str, api_key: str | None, *,
+                 max_num_requests: int, retry_after_s: int):
         self.backend = backend
         self.served_model_name = served_model_name
         self.accepted_models = tuple(dict.fromkeys((served_model_name, backend.model_name)))
         """Names a request's `model` may use: the served name, or the backend's own."""
         self.api_key = api_key
         self.metrics = ApiMetrics()
+        self.limit = RequestLimit(max_num_requests, retry_after_s, self.metrics.requests_held)
         self.prediction_metrics = PredictionMetrics(self.metrics.registry)
         self.created = int(time.time())
 
@@ -107,8 +110,10 @@ class Server:
         """Run the request on the backend and answer with JSON or an SSE stream.
 
         Errors before the first token raise `APIError` (an HTTP error status); after it,
-        a stream reports them in-band. A client that disconnects aborts the request.
+        a stream reports them in-band. A client that disconnects aborts the request. With
+        `max_num_requests` held already, the request is refused (429) before it starts.
         """
+        slot = self.limit.take()
         num_prompt_tokens = len(generate_request.prompt_token_ids)
         request_metrics = self.metrics.start_request(arrived_at)
         request_metrics.set_prompt(num_prompt_tokens)
@@ -119,7 +124,10 @@ class Server:
             events = EventStream(generation, formatter, num_prompt_tokens=num_prompt_tokens)
 
             async def on_close() -> None:
-                await generation.close()
+                try:
+                    await generation.close()
+                finally:
+                    slot.release()
                 self.metrics.count_request(endpoint, events.status)
 
             return SSEResponse(events.events(), on_close=on_close)
@@ -133,8 +141,13 @@ class Server:
             self.metrics.count_request(endpoint, 200)
             return JSONResponse(formatter.response(collected, num_prompt_tokens))
 
-        response = await cancel_on_disconnect(
-            request, respond_streamed() if stream else respond_json())
+        response: Response | None = None
+        try:
+            response = await cancel_on_disconnect(
+                request, respond_streamed() if stream else respond_json())
+        finally:
+            if not isinstance(response, SSEResponse):
+                slot.release()  # (a stream gives its slot back when it closes)
         if response is None:
             self.metrics.count_request(endpoint, "aborted")
             return Response(status_code=CLIENT_CLOSED_REQUEST)
@@ -174,6 +187,8 @@ def create_app(
     served_model_name: str | None = None,
     api_key: str | None = None,
     admin_token: str | None = None,
+    max_num_requests: int = 1024,
+    retry_after_s: int = 1,
 ) -> FastAPI:
     """Build the OpenAI-compatible app serving `backend`.
 
@@ -181,9 +196,12 @@ def create_app(
     accepted too). With `api_key` set, /v1/* needs `Authorization: Bearer <api_key>`;
     /health and /metrics stay open. /admin/* needs `Authorization: Bearer <admin_token>`
     and answers 403 without an `admin_token` (see `admin.py`); neither secret opens the
-    other's routes. The app's metrics live in `app.state.metrics`.
+    other's routes. At most `max_num_requests` generation requests are held at once; past
+    it, 429 with `Retry-After: retry_after_s` (see `limits.py`). The app's metrics live in
+    `app.state.metrics`.
     """
-    server = Server(backend, served_model_name or backend.model_name, api_key)
+    server = Server(backend, served_model_name or backend.model_name, api_key,
+                    max_num_requests=max_num_requests, retry_after_s=retry_after_s)
     app = FastAPI(title="ShuffleInfer", summary="OpenAI-compatible LLM serving")
     app.state.server = server
     app.state.metrics = server.metrics

@@ -30,6 +30,7 @@ ERROR_TYPES: dict[int, str] = {
     404: "not_found_error",
     405: "invalid_request_error",
     409: "conflict_error",
+    429: "rate_limit_error",
     500: "server_error",
     503: "service_unavailable_error",
 }
@@ -38,11 +39,14 @@ ERROR_TYPES: dict[int, str] = {
 class APIError(Exception):
     """An error the api answers with `status_code` and an OpenAI-style body."""
 
-    def __init__(self, status_code: int, message: str, *, param: str | None = None) -> None:
+    def __init__(self, status_code: int, message: str, *, param: str | None = None,
+                 headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.status_code = status_code
         self.message = message
         self.param = param
+        self.headers = headers
+        """Sent with the error (e.g. Retry-After on a 429)."""
 
     def body(self) -> dict[str, Any]:
         """The JSON body: `{"error": {"message", "type", "param", "code"}}`."""
@@ -121,8 +125,9 @@ def install_error_handlers(
     def respond(request: Request, error: APIError) -> JSONResponse:
         if on_error is not None:
             on_error(request, error.status_code)
-        headers = {"WWW-Authenticate": "Bearer"} if error.status_code == 401 else None
-        return JSONResponse(error.body(), status_code=error.status_code, headers=headers)
+        headers = {"WWW-Authenticate": "Bearer"} if error.status_code == 401 else {}
+        return JSONResponse(error.body(), status_code=error.status_code,
+                            headers={**headers, **(error.headers or {})})
 
     async def handle_api_error(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, APIError)  # registered for APIError only

@@ -12,7 +12,7 @@ import logging
 import time
 from collections.abc import Callable
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from shuffleinfer.protocol import Backend, KVTransferStats, TokenDelta
 
@@ -46,6 +46,9 @@ class ApiMetrics:
         self.requests = Counter("shuffleinfer_requests", "HTTP requests by endpoint and "
                                 "outcome (status code, or 'aborted' on client disconnect)",
                                 ["endpoint", "status"], registry=r)
+        self.requests_held = Gauge("shuffleinfer_requests_held", "Generation requests the "
+                                   "server holds now (running or waiting in the cluster)",
+                                   registry=r)
         self.ttft = Histogram("shuffleinfer_time_to_first_token_seconds", "Request arrival "
                               "to first token, measured at the api", buckets=TTFT_BUCKETS_S,
                               registry=r)

@@ -18,6 +18,7 @@ REPO = Path(__file__).resolve().parents[2]
 PROMPTS_FILE = REPO.parent / "shared" / "data" / "prompts" / "mixed_tasks.jsonl.gz"
 CHUNK_SIZE = 256
 MAX_MODEL_LEN = 2048
+MAX_NUM_REQUESTS = 24
 
 
 @pytest.fixture(scope="session")
@@ -39,9 +40,11 @@ def tokenizer(model_path: str):  # noqa: ANN201 - a Hugging Face tokenizer
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """Base URL of a running `shuffleinfer serve` (1 prefill + 1 decode, chunk 256, decodes
-    placed by the shuffle policy with the learned length predictor)."""
+    placed by the shuffle policy with the learned length predictor, at most
+    MAX_NUM_REQUESTS held at once)."""
     args = ["--chunk-size", str(CHUNK_SIZE), "--max-model-len", str(MAX_MODEL_LEN),
-            "--kv-cache-gib", "1", "--decode-policy", "shuffle", "--predictor-push-s", "1"]
+            "--kv-cache-gib", "1", "--decode-policy", "shuffle", "--predictor-push-s", "1",
+            "--max-num-requests", str(MAX_NUM_REQUESTS), "--retry-after-s", "2"]
     with running_serve(args, tmp_path_factory.mktemp("serve") / "serve.log") as url:
         yield url
 

@@ -14,7 +14,13 @@ import httpx
 import openai
 import pytest
 
-from tests.integration.conftest import CHUNK_SIZE, MAX_MODEL_LEN, metric_values, real_chat_prompts
+from tests.integration.conftest import (
+    CHUNK_SIZE,
+    MAX_MODEL_LEN,
+    MAX_NUM_REQUESTS,
+    metric_values,
+    real_chat_prompts,
+)
 
 pytestmark = pytest.mark.engine
 
@@ -147,6 +153,26 @@ def test_bad_input_gets_openai_error(server: str, body: str, status: int, needle
 
 def _instances(server: str) -> list[dict]:
     return httpx.get(f"{server}/health", timeout=10).json()["instances"]
+
+
+def test_a_burst_past_the_limit_gets_429_and_the_held_requests_finish(server: str) -> None:
+    burst = MAX_NUM_REQUESTS + 8
+
+    async def run() -> list[httpx.Response]:
+        async with httpx.AsyncClient(base_url=server, timeout=300) as client:
+            return await asyncio.gather(*(client.post("/v1/completions", json={
+                "prompt": f"Count to {i}:", "max_tokens": 8, "ignore_eos": True})
+                for i in range(burst)))
+
+    responses = asyncio.run(run())
+    ok = [r for r in responses if r.status_code == 200]
+    refused = [r for r in responses if r.status_code == 429]
+    assert len(ok) + len(refused) == burst, [r.status_code for r in responses]
+    assert len(ok) >= MAX_NUM_REQUESTS and refused
+    assert all(r.json()["usage"]["completion_tokens"] == 8 for r in ok)
+    assert all(r.headers["retry-after"] == "2" and
+               r.json()["error"]["type"] == "rate_limit_error" for r in refused)
+    assert metric_values(server, "shuffleinfer_requests_held") == {"": 0.0}
 
 
 def test_client_disconnect_aborts_both_legs_and_frees_kv(server: str) -> None:
