@@ -25,6 +25,7 @@ from shuffleinfer.api.generation import Generation, cancel_on_disconnect
 from shuffleinfer.api.limits import RequestLimit
 from shuffleinfer.api.metrics import ApiMetrics
 from shuffleinfer.api.openai_models import ChatCompletionRequest, CompletionRequest
+from shuffleinfer.api.openapi import describe_request_bodies
 from shuffleinfer.api.prediction_metrics import PredictionMetrics
 from shuffleinfer.api.preprocess import check_common, prepare_chat, prepare_completion
 from shuffleinfer.api.serialization import ChatFormatter, CompletionFormatter, Formatter
@@ -217,4 +218,7 @@ def create_app(
     app.include_router(AdminRoutes(backend, admin_token, server.metrics).router())
     app.add_api_route("/health", server.health, methods=["GET"])
     app.add_api_route("/metrics", server.prometheus, methods=["GET"])
+    describe_request_bodies(app, {COMPLETIONS: CompletionRequest,
+                                  CHAT_COMPLETIONS: ChatCompletionRequest},
+                            server.accepted_models)
     return app
