@@ -99,13 +99,23 @@ async def test_bad_chat_requests_are_400_naming_the_field(
     assert backend.requests == []
 
 
-@pytest.mark.parametrize("raw", [b'{"prompt": "x"', b"", b"[1, 2]", b'"text"',
-                                 b'{"prompt": "x", "temperature": NaN}'])
-async def test_malformed_bodies_are_400(client: httpx.AsyncClient, raw: bytes) -> None:
-    response = await client.post("/v1/completions", content=raw,
+@pytest.mark.parametrize("raw", [
+    b'{"prompt": "x"', b"", b"[1, 2]", b'"text"', b'{"prompt": "x", "temperature": NaN}',
+    b'{"prompt": "\xff\xfe hi"}',                                  # invalid UTF-8
+    b'{"prompt": "\\ud800 x"}',                                   # lone surrogate escape
+    b'{"messages": [{"role": "user", "content": "\\udfff"}]}',
+    b"\xff\xfe\x00",
+])
+@pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
+async def test_malformed_bodies_are_400(client: httpx.AsyncClient, raw: bytes,
+                                        path: str) -> None:
+    response = await client.post(path, content=raw,
                                  headers={"content-type": "application/json"})
     assert response.status_code == 400
-    assert response.json()["error"]["type"] == "invalid_request_error"
+    error = response.json()["error"]
+    assert error["type"] == "invalid_request_error"
+    assert error["message"].startswith(("Malformed JSON body", "The request body must be",
+                                        "Invalid value for `temperature`")), error
 
 
 async def test_unknown_model_is_404_and_backend_name_is_accepted(
