@@ -165,6 +165,17 @@ class HealthReport:
     ready: bool
     instances: tuple[InstanceLoad, ...]
 
+    @property
+    def status(self) -> Literal["ok", "degraded", "unavailable"]:
+        """ok: every instance ready; degraded: some are not (dead, restarting), but every
+        role still has a ready one, so requests are served; unavailable: a role has
+        none (or the report says not ready with no instance to tell)."""
+        if self.ready:
+            return "ok"
+        roles = {x.role for x in self.instances}
+        serving = {x.role for x in self.instances if x.ready}
+        return "degraded" if roles and serving == roles else "unavailable"
+
 
 class BackendUnavailableError(RuntimeError):
     """Raised by `Backend.generate` (or its first iteration) when no instance can take the

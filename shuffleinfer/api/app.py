@@ -164,15 +164,18 @@ class Server:
         }]}
 
     async def health(self) -> JSONResponse:
-        """GET /health: 200 when every instance is ready, else 503; both list instances."""
+        """GET /health: 200 "ok" when every instance is ready, 200 "degraded" when some are
+        not but every role still has a ready one, else 503 "unavailable"; all list the
+        instances."""
         try:
             report = await self.backend.health()
         except Exception:
             logger.exception("backend.health() failed")
             return JSONResponse({"status": "unavailable", "instances": []}, status_code=503)
-        body = {"status": "ok" if report.ready else "unavailable",
+        status = report.status
+        body = {"status": status,
                 "instances": [dataclasses.asdict(load) for load in report.instances]}
-        return JSONResponse(body, status_code=200 if report.ready else 503)
+        return JSONResponse(body, status_code=503 if status == "unavailable" else 200)
 
     async def prometheus(self) -> Response:
         """GET /metrics: this app's registry, with KV and prediction counters refreshed

@@ -102,6 +102,7 @@ class FakeBackend:
         self.error: BaseException = RuntimeError("engine exploded")
         self.script: Callable[[GenerateRequest], list[TokenDelta]] | None = None
         self.ready = True
+        self.health_instances: tuple[InstanceLoad, ...] | None = None
         self.kv = KVTransferStats()
         self.predictions = PredictionStats()
         self.requests: list[GenerateRequest] = []
@@ -157,7 +158,11 @@ class FakeBackend:
         self.completed.append(request.req_id)
 
     async def health(self) -> HealthReport:
-        """Ready when `self.ready`; one prefill and one decode instance."""
+        """Ready when `self.ready`; one prefill and one decode instance (or, when set,
+        `self.health_instances`, ready when all of them are)."""
+        if self.health_instances is not None:
+            return HealthReport(ready=all(x.ready for x in self.health_instances),
+                                instances=self.health_instances)
         return HealthReport(ready=self.ready, instances=(
             InstanceLoad("prefill-0", "prefill", ready=self.ready),
             InstanceLoad("decode-0", "decode", ready=True, num_running_reqs=1),

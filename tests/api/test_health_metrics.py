@@ -6,7 +6,7 @@ import httpx
 from fastapi import FastAPI
 
 from shuffleinfer.api import create_app
-from shuffleinfer.protocol import KVTransferStats, PredictionStats
+from shuffleinfer.protocol import InstanceLoad, KVTransferStats, PredictionStats
 
 from .conftest import FakeBackend, metric
 
@@ -28,6 +28,27 @@ async def test_health_is_200_when_ready_and_503_when_not(
     assert response.status_code == 503
     assert response.json()["status"] == "unavailable"
     assert response.json()["instances"][0]["ready"] is False
+
+
+async def test_health_is_degraded_while_a_role_still_has_a_ready_instance(
+    client: httpx.AsyncClient, backend: FakeBackend
+) -> None:
+    def cluster(*down: str) -> tuple[InstanceLoad, ...]:
+        return (InstanceLoad("prefill-0", "prefill", ready="prefill-0" not in down),
+                InstanceLoad("prefill-1", "prefill", ready="prefill-1" not in down),
+                InstanceLoad("decode-0", "decode", ready=True))
+
+    backend.health_instances = cluster("prefill-1")  # dead or restarting
+    response = await client.get("/health")
+    assert (response.status_code, response.json()["status"]) == (200, "degraded")
+    assert [i["ready"] for i in response.json()["instances"]] == [True, False, True]
+
+    backend.health_instances = cluster("prefill-0", "prefill-1")  # no prefill left
+    response = await client.get("/health")
+    assert (response.status_code, response.json()["status"]) == (503, "unavailable")
+
+    backend.health_instances = cluster()
+    assert (await client.get("/health")).json()["status"] == "ok"
 
 
 async def test_metrics_count_requests_tokens_and_instances(
