@@ -26,16 +26,13 @@ step j has made `1 + step - j` tokens (its first came from the prefill).
 from __future__ import annotations
 
 import heapq
-import math
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 from shuffleinfer.scheduler.policies.admission import (
     AdmissionPolicy,
     AdmissionSnapshot,
     RunningDecode,
-    WaitingDecode,
 )
 from shuffleinfer.scheduler.policies.placement import InstanceView
 from shuffleinfer.scheduler.policies.prefill_order import (
@@ -45,45 +42,8 @@ from shuffleinfer.scheduler.policies.prefill_order import (
 )
 from shuffleinfer.scheduler.prediction import Prediction
 from shuffleinfer.sim.cost import LinearCost
-
-
-@dataclass(eq=False, slots=True)
-class SimRequest:
-    """One request's life in the simulator (times in simulated seconds)."""
-
-    index: int
-    arrival_s: float
-    prompt_tokens: int
-    output_tokens: int
-    prediction: Prediction | None = None
-    prefill_id: str | None = None
-    decode_id: str | None = None
-    prefill_started_s: float | None = None
-    first_token_s: float | None = None
-    finished_s: float | None = None
-    join_step: int = 0
-    handover_s: float = 0.0
-    _waiting: WaitingDecode | None = None
-
-    def waiting_view(self) -> WaitingDecode:
-        """What the admission policy sees of it while it waits (built once)."""
-        if self._waiting is None:
-            self._waiting = WaitingDecode(str(self.index), self.prompt_tokens + 1,
-                                          self.prediction or Prediction(0, 0, 0, 0),
-                                          num_output_tokens=0)
-        return self._waiting
-
-
-@dataclass(slots=True)
-class _Step:
-    started_s: float
-    ends_s: float
-    steps: int
-    """Engine steps it covers (1 for a step with prompt work)."""
-    first_step_s: float = 0.0
-    growth_s: float = 0.0
-    """Each further step of a macro step costs this much more than the one before."""
-    slices: tuple[tuple[SimRequest, int], ...] = ()
+from shuffleinfer.sim.request import SimRequest
+from shuffleinfer.sim.timing import Step, macro_s, steps_within
 
 
 class _LazyRunning(Sequence[RunningDecode]):
@@ -142,7 +102,7 @@ class SimInstance:
         self._sum_join = 0
         self._prompts_held = 0
         """Whole lengths of the prompts whose prefill has started and not ended."""
-        self.current: _Step | None = None
+        self.current: Step | None = None
         self.version = 0
         """Bumped whenever the scheduled end of the current step changes."""
         self.busy_s = 0.0
@@ -239,7 +199,7 @@ class SimInstance:
 
     # --- steps ---
 
-    def start_step(self, now: float) -> _Step | None:
+    def start_step(self, now: float) -> Step | None:
         """Plan the next step (or macro step) from `now`; None when there is no work."""
         if not self.queue:  # decodes only (or nothing)
             return self._start_decodes(now) if self._running else self._idle()
@@ -260,7 +220,7 @@ class SimInstance:
                 attn += s.num_tokens * (done + s.num_tokens)
         if not slices:
             return self._start_decodes(now) if self._running else self._idle()
-        step = _Step(now, now + self.cost.step_s(tokens, attn, len(self._running),
+        step = Step(now, now + self.cost.step_s(tokens, attn, len(self._running),
                                                  self.context_tokens()),
                      1, 0.0, 0.0, tuple(slices))
         for req, _ in slices:
@@ -271,7 +231,7 @@ class SimInstance:
         self.version += 1
         return step
 
-    def _start_whole_prompts(self, now: float) -> _Step | None:
+    def _start_whole_prompts(self, now: float) -> Step | None:
         """Prefill first, unchunked: the waiting prompts that fit the budget (and KV), whole,
         in order, in a step of their own; the decodes only when no prompt is waiting."""
         slices: list[tuple[SimRequest, int]] = []
@@ -285,7 +245,7 @@ class SimInstance:
             return self._start_decodes(now) if self._running else self._idle()
         attn = float(sum(n * n for _, n in slices))
         # steps=0: the running decodes make no token in it.
-        step = self.current = _Step(now, now + self.cost.prefill_s(tokens, attn), 0, 0.0, 0.0,
+        step = self.current = Step(now, now + self.cost.prefill_s(tokens, attn), 0, 0.0, 0.0,
                                     tuple(slices))
         for req, _ in slices:
             req.prefill_started_s = now
@@ -293,17 +253,17 @@ class SimInstance:
         self.version += 1
         return step
 
-    def _start_decodes(self, now: float) -> _Step:
+    def _start_decodes(self, now: float) -> Step:
         """A macro step of the running decodes, up to the next one's end."""
         b = len(self._running)
         first = self.cost.decode_s(b, self.context_tokens())
         growth = self.cost.decode_per_ctx_s * b
         n = self._running[0][0] - self.step  # steps to the next decode's end
-        step = self.current = _Step(now, now + _macro_s(n, first, growth), n, first, growth)
+        step = self.current = Step(now, now + macro_s(n, first, growth), n, first, growth)
         self.version += 1
         return step
 
-    def _idle(self) -> _Step | None:
+    def _idle(self) -> Step | None:
         """No work: no step (None)."""
         self.current = None
         return None
@@ -340,12 +300,12 @@ class SimInstance:
         step = self.current
         if step is None or step.steps <= 1:
             return False
-        done = _steps_within(now - step.started_s, step.first_step_s, step.growth_s)
+        done = steps_within(now - step.started_s, step.first_step_s, step.growth_s)
         keep = min(done + 1, step.steps)
         if keep == step.steps:
             return False
         step.steps = keep
-        step.ends_s = step.started_s + _macro_s(keep, step.first_step_s, step.growth_s)
+        step.ends_s = step.started_s + macro_s(keep, step.first_step_s, step.growth_s)
         self.version += 1
         return True
 
@@ -375,7 +335,7 @@ class SimInstance:
         ended = []
         while self._running and self._running[0][0] <= self.step:
             finish, _, req = heapq.heappop(self._running)
-            req.finished_s = step.started_s + _macro_s(finish - start_step, step.first_step_s,
+            req.finished_s = step.started_s + macro_s(finish - start_step, step.first_step_s,
                                                        step.growth_s) \
                 if step.steps > 1 else step.ends_s
             self._sum_prompt -= req.prompt_tokens
@@ -387,22 +347,3 @@ class SimInstance:
                 self.join_running(req)
             self._joining, self._joining_tokens = [], 0
         return prefilled, ended
-
-
-def _macro_s(n: int, first_s: float, growth_s: float) -> float:
-    """Seconds for n decode steps whose first takes `first_s`, each next `growth_s` more."""
-    return n * first_s + growth_s * n * (n - 1) / 2
-
-
-def _steps_within(elapsed_s: float, first_s: float, growth_s: float) -> int:
-    """How many whole steps of a macro step fit in `elapsed_s`."""
-    if elapsed_s <= 0:
-        return 0
-    if growth_s <= 0:
-        return int(elapsed_s // first_s) if first_s > 0 else 0
-    # n * first + growth * n * (n - 1) / 2 <= elapsed
-    a, b = growth_s / 2, first_s - growth_s / 2
-    n = int((-b + math.sqrt(b * b + 4 * a * elapsed_s)) / (2 * a))
-    while n > 0 and _macro_s(n, first_s, growth_s) > elapsed_s:
-        n -= 1
-    return n

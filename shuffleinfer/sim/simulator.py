@@ -43,8 +43,9 @@ from shuffleinfer.scheduler.policies.prefill_order import (
 )
 from shuffleinfer.scheduler.roles import Roster
 from shuffleinfer.sim.cost import LinearCost
-from shuffleinfer.sim.instance import SimInstance, SimRequest
+from shuffleinfer.sim.instance import SimInstance
 from shuffleinfer.sim.oracle import OraclePredictor
+from shuffleinfer.sim.request import SimRequest
 from shuffleinfer.sim.views import ViewBoard
 
 _STEP_END, _HANDOVER_DONE, _MONITOR = range(3)
