@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import random
 import subprocess
 import sys
 import time
@@ -194,6 +195,65 @@ def test_client_disconnect_aborts_both_legs_and_frees_kv(server: str) -> None:
         time.sleep(0.5)
     assert all(i["num_running_reqs"] == 0 for i in loads), loads
     assert all(i["kv_cache_usage"] == 0 for i in loads), loads
+
+
+def _wait_idle(server: str, timeout_s: float) -> list[dict]:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        loads = _instances(server)
+        if all(i["num_running_reqs"] == 0 and i["kv_cache_usage"] == 0 for i in loads) \
+                or time.monotonic() > deadline:
+            return loads
+        time.sleep(0.5)
+
+
+def test_a_thousand_aborted_requests_leave_every_instance_s_kv_as_it_was(
+        server: str) -> None:
+    before = {i["instance_id"]: i["num_free_kv_tokens"] for i in _wait_idle(server, 30)}
+    rng = random.Random(0)
+    tokens_seen: dict[int, int] = {}
+
+    async def one(client: httpx.AsyncClient, i: int) -> None:
+        # Gone at a random moment (queued, prefilling, handing over or decoding), or
+        # after reading a few tokens; none could finish in time (200 tokens to make).
+        body = {"prompt": f"{i}. " + "Tell me about the history of Rome. " * rng.randint(1, 20),
+                "max_tokens": 200, "ignore_eos": True, "stream": True}
+        read_up_to, give_up_s = rng.randint(1, 8), rng.uniform(0.05, 3.0)
+        tokens_seen[i] = 0
+
+        async def read() -> bool:
+            async with client.stream("POST", "/v1/completions", json=body) as r:
+                if r.status_code == 429:  # the last wave's slots are not all back yet
+                    return False
+                assert r.status_code == 200
+                async for line in r.aiter_lines():
+                    tokens_seen[i] += line.startswith("data: {")
+                    if tokens_seen[i] >= read_up_to:
+                        break
+            return True
+
+        while True:
+            try:
+                if await asyncio.wait_for(read(), give_up_s):
+                    return
+            except TimeoutError:
+                return
+            await asyncio.sleep(1)  # refused: send it again, so 1,000 do go away
+
+    async def run() -> None:
+        async with httpx.AsyncClient(base_url=server, timeout=60) as client:
+            for wave in range(50):  # 20 at a time: under the server's limit of held requests
+                await asyncio.gather(*(one(client, 20 * wave + k) for k in range(20)))
+
+    asyncio.run(run())
+    got = sorted(tokens_seen.values())
+    assert len(got) == 1000 and got[0] == 0 and got[-1] >= 2, got  # gone at every stage
+    after = _wait_idle(server, 60)
+    assert {i["instance_id"]: i["num_free_kv_tokens"] for i in after} == before, after
+    assert all(i["num_running_reqs"] == 0 and i["num_waiting_reqs"] == 0 for i in after)
+    reply = httpx.post(f"{server}/v1/completions", json={"prompt": "Hi", "max_tokens": 4},
+                       timeout=120)
+    assert reply.status_code == 200 and reply.json()["usage"]["completion_tokens"] == 4
 
 
 @pytest.mark.parametrize(("stop", "content"), [
