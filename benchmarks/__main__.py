@@ -1,4 +1,4 @@
-"""`python -m benchmarks replay|compare ...` (run from the repository root)."""
+"""`python -m benchmarks replay|compare|soak ...` (run from the repository root)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from benchmarks.replay import add_workload_args, check_workload_args
+from benchmarks.replay import DEFAULT_DATA_DIR, add_workload_args, check_workload_args
 from benchmarks.systems import SYSTEM_NAMES
 
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
@@ -68,14 +68,49 @@ def _compare_parser(subparsers: argparse._SubParsersAction) -> argparse.Argument
     return p
 
 
+def _soak_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    p = subparsers.add_parser("soak", help="steady load on ShuffleInfer for M minutes",
+                              description="Start ShuffleInfer, load it at a share of its "
+                              "measured capacity for M minutes, and report errors, lost "
+                              "requests, memory and free KV over time (DIR/summary.json, "
+                              "DIR/soak.png).")
+    p.add_argument("--minutes", type=float, required=True)
+    p.add_argument("--out", type=Path, required=True, metavar="DIR")
+    p.add_argument("--model", default=DEFAULT_MODEL)
+    p.add_argument("--max-model-len", type=int, default=1024)
+    p.add_argument("--trace", default="mixed", metavar="SPEC",
+                   help="lengths to send (as replay's --trace), with Poisson arrivals")
+    p.add_argument("--load", type=float, default=0.9,
+                   help="arrival rate as a share of the measured capacity")
+    p.add_argument("--capacity-rps", type=float, default=None,
+                   help="skip the capacity probe and take this many requests/s")
+    p.add_argument("--probe", type=int, default=16,
+                   help="requests sent at once to measure capacity")
+    p.add_argument("--sample-s", type=float, default=5.0, help="seconds between samples")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR)
+    p.add_argument("--timeout-s", type=float, default=600.0, help="per-request timeout")
+    p.set_defaults(time_scale=1.0, burstiness=1.0, rate=None, max_requests=None,
+                   duration_s=None)
+    return p
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse the command line and run one subcommand."""
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
     subparsers = parser.add_subparsers(dest="command", required=True)
     replay = _replay_parser(subparsers)
     compare = _compare_parser(subparsers)
+    soak = _soak_parser(subparsers)
     args = parser.parse_args(argv)
-    sub = replay if args.command == "replay" else compare
+    sub = {"replay": replay, "compare": compare, "soak": soak}[args.command]
+    if args.command == "soak":
+        for flag in ("minutes", "load", "capacity_rps", "sample_s", "timeout_s"):
+            value = getattr(args, flag)
+            if value is not None and not value > 0:
+                sub.error(f"--{flag.replace('_', '-')} must be > 0, got {value}")
+        if args.probe < 1 or args.max_model_len < 1:
+            sub.error("--probe and --max-model-len must be >= 1")
     check_workload_args(sub, args)
     for flag in ("instances", "max_model_len", "chunk_size", "kv_cache_gib", "num_prefill",
                  "num_decode", "replicas"):
@@ -83,6 +118,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if value is not None and value < 1:
             sub.error(f"--{flag.replace('_', '-')} must be >= 1, got {value}")
     try:
+        if args.command == "soak":
+            from benchmarks.soak import run_soak
+
+            return run_soak(args)
         if args.command == "replay":
             from benchmarks.replay import run_replay
 

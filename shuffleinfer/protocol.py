@@ -217,6 +217,11 @@ class Backend(Protocol):
         """Called by GET /metrics: output-length prediction counters of the cluster."""
         ...
 
+    async def failover_stats(self) -> dict[str, int]:
+        """Called by GET /metrics: requests moved off a dead instance since the start, by
+        leg ("prefill": prefilled again elsewhere; "decode": continued elsewhere)."""
+        ...
+
     async def instances(self) -> tuple[InstanceLoad, ...]:
         """Called by GET /admin/instances: every instance with its role, state and load."""
         ...

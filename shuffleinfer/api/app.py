@@ -181,6 +181,7 @@ class Server:
         """GET /metrics: this app's registry, with KV and prediction counters refreshed
         from the backend."""
         await self.metrics.refresh_kv(self.backend)
+        await self.metrics.refresh_failovers(self.backend)
         await self.prediction_metrics.refresh(self.backend)
         return Response(self.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 

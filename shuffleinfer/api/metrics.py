@@ -49,6 +49,10 @@ class ApiMetrics:
         self.requests_held = Gauge("shuffleinfer_requests_held", "Generation requests the "
                                    "server holds now (running or waiting in the cluster)",
                                    registry=r)
+        self.failovers = Counter("shuffleinfer_failovers", "Requests moved off an instance "
+                                 "that died, by leg (prefill: prefilled again on another; "
+                                 "decode: continued on another)", ["leg"], registry=r)
+        self._failovers_seen: dict[str, int] = {}
         self.ttft = Histogram("shuffleinfer_time_to_first_token_seconds", "Request arrival "
                               "to first token, measured at the api", buckets=TTFT_BUCKETS_S,
                               registry=r)
@@ -95,6 +99,17 @@ class ApiMetrics:
     def start_request(self, arrived_at: float) -> RequestMetrics:
         """Begin per-request timing; `arrived_at` is a `clock()` reading."""
         return RequestMetrics(self, arrived_at)
+
+    async def refresh_failovers(self, backend: Backend) -> None:
+        """Pull the backend's cumulative failover counts into ours (on each scrape)."""
+        try:
+            counts = await backend.failover_stats()
+        except Exception:
+            logger.exception("backend.failover_stats() failed; failover metrics are stale")
+            return
+        for leg, total in counts.items():
+            mirror(self.failovers.labels(leg), total, self._failovers_seen.get(leg, 0))
+        self._failovers_seen = dict(counts)
 
     async def refresh_kv(self, backend: Backend) -> None:
         """Pull the backend's cumulative KV counters into ours (called on each scrape)."""

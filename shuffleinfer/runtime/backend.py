@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import Counter
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -31,13 +32,18 @@ from shuffleinfer.protocol import (
     InstanceRole,
     KVTransferStats,
     PredictionStats,
-    PrefillResult,
     RoleChangeError,
     TokenDelta,
     UnknownInstanceError,
 )
 from shuffleinfer.runtime.handles import ClusterHandles
-from shuffleinfer.runtime.monitor import ClusterMonitor, gather_loads, with_roles
+from shuffleinfer.runtime.legs import MAX_FAILOVERS, Legs, continuation
+from shuffleinfer.runtime.monitor import (
+    LOAD_TIMEOUT_S,
+    ClusterMonitor,
+    gather_loads,
+    with_roles,
+)
 from shuffleinfer.runtime.stop_boundary import StopBoundary
 from shuffleinfer.scheduler.global_scheduler import NoInstanceError
 from shuffleinfer.scheduler.prediction import PredictorInput
@@ -53,7 +59,6 @@ def _predictor_input(request: GenerateRequest) -> PredictorInput | None:
         return None
 
 _WATCH_INTERVAL_S = 2.0
-
 
 class RayBackend:
     """Orchestrates each request's two legs over the cluster's actors."""
@@ -75,6 +80,8 @@ class RayBackend:
         self._watcher: asyncio.Future[None] | None = None
         self._restarting: set[str] = set()
         self.num_engine_restarts = 0
+        self.failovers: Counter[str] = Counter()
+        """Requests moved off a dead instance, by leg (see `failover_stats`)."""
         """Engines started again after Ray restarted their dead instance."""
 
     def _spawn(self, coro: Any) -> None:
@@ -84,66 +91,120 @@ class RayBackend:
 
     async def generate(self, request: GenerateRequest) -> AsyncIterator[TokenDelta]:
         sched = self.handles.scheduler
-        req_id = request.req_id
-        prefill_actor = decode_actor = prefill_ref = None
-        prefill: PrefillResult | None = None
+        legs = Legs(request)
         finished = False
-        num_output_tokens = 0
         reason: str | None = None
+        output_ids: list[int] = []
         boundary = StopBoundary(request.sampling.stop)
         self._start_background()
         try:
-            prefill_id = await sched.schedule_prefill.remote(
-                req_id, len(request.prompt_token_ids), _predictor_input(request))
-            prefill_actor = self.handles.instances[prefill_id]
-            prefill_ref = prefill_actor.prefill.remote(request)
-            prefill = await prefill_ref
-            sched.prefill_done.remote(req_id)
-            finished = prefill.first.finish_reason is not None
-            reason = prefill.first.finish_reason
-            num_output_tokens = len(prefill.first.token_ids)
-            yield boundary.first(prefill.first)
-            if finished:
-                return
-            decode_id = await sched.schedule_decode.remote(req_id, prefill.prediction)
-            decode_actor = self.handles.instances[decode_id]
-            stream = decode_actor.decode.options(num_returns="streaming").remote(
-                request, prefill)
-            async for ref in stream:
-                delta: TokenDelta = boundary.decode(await ref)
-                finished = delta.finish_reason is not None
-                reason = delta.finish_reason
-                num_output_tokens += len(delta.token_ids)
-                yield delta
-                if boundary.stopped:  # a stop string neither engine could see alone
-                    self._spawn(self._abort(req_id, None, None, prefill, decode_actor))
-                    return
+            first = await self._prefill(legs, _predictor_input(request))
+            finished, reason = first.finish_reason is not None, first.finish_reason
+            output_ids += first.token_ids
+            yield boundary.first(first)
+            dead_decodes: list[str] = []
+            while not finished:
+                try:
+                    async for delta in self._decode(legs, dead_decodes):
+                        delta = boundary.decode(delta)
+                        finished, reason = delta.finish_reason is not None, delta.finish_reason
+                        output_ids += delta.token_ids
+                        yield delta
+                        if boundary.stopped:  # a stop string neither engine could see alone
+                            self._spawn(self._abort(legs.settled()))
+                            return
+                    break  # the stream ended (the api reports one without a finish reason)
+                except RayActorError as e:
+                    # The decode instance died: go on from the tokens the client has, as
+                    # a new request (prompt + output so far) prefilled and decoded on
+                    # other instances; its first token is the next one of this stream.
+                    if len(dead_decodes) >= MAX_FAILOVERS:
+                        raise
+                    assert legs.decode_id is not None  # a stream runs on a placed decode
+                    dead_decodes.append(legs.decode_id)
+                    self._count_failover("decode", legs, e)
+                    await sched.finish.remote(legs.request.req_id)
+                    legs = Legs(continuation(request, output_ids, len(dead_decodes)))
+                    delta = boundary.decode(await self._prefill(legs, None))
+                    finished, reason = delta.finish_reason is not None, delta.finish_reason
+                    output_ids += delta.token_ids
+                    yield delta
+                    if boundary.stopped:
+                        self._spawn(self._abort(legs.settled()))
+                        return
         except RayActorError as e:
-            raise BackendUnavailableError(f"an instance serving {req_id} died: {e}") from e
+            raise BackendUnavailableError(f"an instance serving {request.req_id} died: {e}") \
+                from e
         except ray.exceptions.RayTaskError as e:
             if isinstance(e.cause, NoInstanceError):
                 raise BackendUnavailableError(str(e.cause)) from None
             raise
         finally:
             if not finished:
-                self._spawn(self._abort(req_id, prefill_actor, prefill_ref, prefill,
-                                        decode_actor))
-            # Only a request that ran to its end teaches the predictor its length.
-            normal = finished and reason in ("stop", "length")
-            sched.finish.remote(req_id, num_output_tokens if normal else None)
+                self._spawn(self._abort(legs))
+            # Only a request that ran to its end, on the legs it started on, teaches the
+            # predictor its length.
+            normal = finished and reason in ("stop", "length") and legs.request is request
+            sched.finish.remote(legs.request.req_id, len(output_ids) if normal else None)
 
-    async def _abort(self, req_id: str, prefill_actor: Any, prefill_ref: Any,
-                     prefill: PrefillResult | None, decode_actor: Any) -> None:
+    async def _prefill(self, legs: Legs, predictor_input: PredictorInput | None) -> TokenDelta:
+        """Prefill `legs.request` and return its first token; if the prefill instance dies
+        first, prefill it again on another one (up to MAX_FAILOVERS times)."""
+        sched = self.handles.scheduler
+        req_id = legs.request.req_id
+        dead: list[str] = []
+        while True:
+            legs.prefill_id = await sched.schedule_prefill.remote(
+                req_id, len(legs.request.prompt_token_ids), predictor_input, dead)
+            legs.prefill_actor = self.handles.instances[legs.prefill_id]
+            legs.prefill_ref = legs.prefill_actor.prefill.remote(legs.request)
+            try:
+                legs.prefill = await legs.prefill_ref
+            except RayActorError as e:
+                if len(dead) >= MAX_FAILOVERS:
+                    raise
+                dead.append(legs.prefill_id)
+                self._count_failover("prefill", legs, e)
+                legs.prefill_actor = legs.prefill_ref = None
+                await sched.finish.remote(req_id)  # forget the placement; place it again
+                continue
+            sched.prefill_done.remote(req_id)
+            return legs.prefill.first
+
+    async def _decode(self, legs: Legs, avoid: list[str]) -> AsyncIterator[TokenDelta]:
+        """Place `legs.request`'s decode (not on `avoid`) and stream its deltas."""
+        assert legs.prefill is not None  # decodes follow their prefill
+        legs.decode_id = await self.handles.scheduler.schedule_decode.remote(
+            legs.request.req_id, legs.prefill.prediction, avoid)
+        legs.decode_actor = self.handles.instances[legs.decode_id]
+        stream = legs.decode_actor.decode.options(num_returns="streaming").remote(
+            legs.request, legs.prefill)
+        async for ref in stream:
+            yield await ref
+
+    def _count_failover(self, leg: str, legs: Legs, error: Exception) -> None:
+        self.failovers[leg] += 1
+        instance = legs.prefill_id if leg == "prefill" else legs.decode_id
+        logger.warning("%s instance %s died serving %s (%s); %s", leg, instance,
+                       legs.request.req_id, type(error).__name__,
+                       "prefilling it again on another" if leg == "prefill" else
+                       "continuing it on others from the tokens already sent")
+
+    async def failover_stats(self) -> dict[str, int]:
+        return dict(self.failovers)
+
+    async def _abort(self, legs: Legs) -> None:
         """Abort both legs; free a KV lease that no decode will pull."""
+        req_id, prefill = legs.request.req_id, legs.prefill
         try:
-            if decode_actor is not None:
-                await decode_actor.abort.remote(req_id)
-            if prefill is None and prefill_actor is not None:
-                await prefill_actor.abort.remote(req_id)
-                if prefill_ref is not None:
+            if legs.decode_actor is not None:
+                await legs.decode_actor.abort.remote(req_id)
+            if prefill is None and legs.prefill_actor is not None:
+                await legs.prefill_actor.abort.remote(req_id)
+                if legs.prefill_ref is not None:
                     # The prefill may have finished just before the abort reached it.
-                    prefill = await prefill_ref
-            if prefill is not None and prefill.kv_transfer_params and decode_actor is None:
+                    prefill = await legs.prefill_ref
+            if prefill is not None and prefill.kv_transfer_params and legs.decode_actor is None:
                 await asyncio.to_thread(release_lease, prefill.kv_transfer_params,
                                         self.handles.kv_auth_token)
         except (RayActorError, ray.exceptions.RayTaskError) as e:
@@ -214,9 +275,7 @@ class RayBackend:
     async def prediction_stats(self) -> PredictionStats:
         """The learner's accuracy counters plus every instance's prediction outcomes."""
         learner = await self.handles.scheduler.learner_stats.remote()
-        replies = await asyncio.gather(
-            *(a.prediction_stats.remote() for a in self.handles.instances.values()),
-            return_exceptions=True)
+        replies = await self._ask_every_instance("prediction_stats")
         sites = [r for r in replies if not isinstance(r, BaseException)]
         return PredictionStats(
             num_on_time=sum(s.num_on_time for s in sites),
@@ -251,13 +310,26 @@ class RayBackend:
     async def _load_of(self, instance_id: str) -> InstanceLoad:
         return next(x for x in await self.instances() if x.instance_id == instance_id)
 
+    async def _ask_every_instance(self, method: str) -> list[Any]:
+        """`method()` of every instance, or the exception it raised instead; one that is
+        dead, restarting (Ray holds calls to it until it is back) or slower than
+        LOAD_TIMEOUT_S gives a RayActorError or TimeoutError, so /metrics never waits on
+        a dead instance."""
+        async def ask(actor: Any) -> Any:
+            try:
+                return await asyncio.wait_for(getattr(actor, method).remote(),
+                                              LOAD_TIMEOUT_S)
+            except Exception as e:  # returned, as asyncio.gather(return_exceptions=True)
+                return e
+
+        return list(await asyncio.gather(*(ask(a) for a in self.handles.instances.values())))
+
     async def kv_stats(self) -> KVTransferStats:
-        replies = await asyncio.gather(
-            *(actor.kv_stats.remote() for actor in self.handles.instances.values()),
-            return_exceptions=True)
+        replies = await self._ask_every_instance("kv_stats")
         stats = [r for r in replies if isinstance(r, KVTransferStats)]
         for r in replies:
-            if isinstance(r, BaseException) and not isinstance(r, RayActorError):
+            if isinstance(r, BaseException) and not isinstance(r, (RayActorError,
+                                                                   TimeoutError)):
                 raise r
         return KVTransferStats(
             num_transfers=sum(s.num_transfers for s in stats),

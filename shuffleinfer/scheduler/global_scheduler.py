@@ -23,7 +23,7 @@ import logging
 import random
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -85,6 +85,9 @@ class GlobalScheduler:
                              make_flip_policy(flip_policy, clock, flip_config), clock)
         self._reports: dict[str, InstanceLoad] = {}
         self._placed_kv: Counter[str] = Counter()
+        self._down: set[str] = set()
+        """Instances the cluster monitor did not reach (or that were not ready) last time:
+        dead, or restarting; they get no new work until they report again."""
         """KV tokens of decodes placed on each instance since its last report."""
         self._config = placement_config or PlacementConfig()
         rng = rng or random.Random()
@@ -122,8 +125,10 @@ class GlobalScheduler:
             return None
         return max(report.num_free_kv_tokens - self._placed_kv[instance_id], 0)
 
-    def _candidates(self, role: Role) -> list[str]:
-        ids = self.roster.active(role)
+    def _candidates(self, role: Role, avoid: Sequence[str] = ()) -> list[str]:
+        """Active instances of `role` that the monitor last reached, less `avoid` (where
+        the request's leg just died)."""
+        ids = [i for i in self.roster.active(role) if i not in self._down and i not in avoid]
         if not ids:
             raise NoInstanceError(f"no {role} instance takes work now")
         return ids
@@ -136,13 +141,16 @@ class GlobalScheduler:
         return decision.instance_id
 
     def schedule_prefill(self, req_id: str, num_prompt_tokens: int,
-                         predictor_input: PredictorInput | None = None) -> str:
-        """Called when a request arrives: pick its prefill instance. `predictor_input` is
-        what the learner learns from when the request finishes."""
+                         predictor_input: PredictorInput | None = None,
+                         avoid: Sequence[str] = ()) -> str:
+        """Called when a request arrives: pick its prefill instance, not one of `avoid`.
+        `predictor_input` is what the learner learns from when the request finishes. A
+        request placed again (its prefill instance died) was `finish`ed first."""
         if req_id in self._table:
             raise ValueError(f"request {req_id} is already scheduled")
-        decision = self._prefill_policy.place(PlacementRequest(req_id, num_prompt_tokens),
-                                              self._views(self._candidates("prefill")))
+        decision = self._prefill_policy.place(
+            PlacementRequest(req_id, num_prompt_tokens),
+            self._views(self._candidates("prefill", avoid)))
         prefill_id = self._decided(req_id, decision)
         self._table[req_id] = RequestEntry(req_id, num_prompt_tokens, prefill_id,
                                            predictor_input=predictor_input)
@@ -153,7 +161,8 @@ class GlobalScheduler:
         if (entry := self._table.get(req_id)) is not None:
             entry.phase = Phase.WAITING_DECODE
 
-    def schedule_decode(self, req_id: str, prediction: Prediction | None = None) -> str:
+    def schedule_decode(self, req_id: str, prediction: Prediction | None = None,
+                        avoid: Sequence[str] = ()) -> str:
         """Called after prefill_done when more tokens are wanted: pick the decode instance.
         `prediction` (the request's predicted output length) feeds placement and the
         heavy/light counts of the instance it lands on; when it is None (late or failed
@@ -164,7 +173,8 @@ class GlobalScheduler:
         if prediction is None and self.learner is not None and entry.predictor_input:
             prediction = self.learner.fallback(entry.predictor_input)
         request = PlacementRequest(req_id, entry.num_prompt_tokens, prediction)
-        decision = self._decode_policy.place(request, self._views(self._candidates("decode")))
+        decision = self._decode_policy.place(request,
+                                             self._views(self._candidates("decode", avoid)))
         entry.decode_id = self._decided(req_id, decision)
         self._placed_kv[entry.decode_id] += entry.num_prompt_tokens + 1
         entry.prediction = prediction
@@ -217,6 +227,7 @@ class GlobalScheduler:
             self._reports[load.instance_id] = load
             self._placed_kv.pop(load.instance_id, None)
         reachable = {x.instance_id: x for x in loads if x.ready}
+        self._down = set(self.roster.ids()) - set(reachable)
         return self.roster.on_monitor(reachable, self.num_inflight())
 
     def roles(self) -> dict[str, tuple[Role, InstanceState]]:

@@ -103,6 +103,7 @@ class FakeBackend:
         self.script: Callable[[GenerateRequest], list[TokenDelta]] | None = None
         self.ready = True
         self.health_instances: tuple[InstanceLoad, ...] | None = None
+        self.failovers: dict[str, int] = {}
         self.kv = KVTransferStats()
         self.predictions = PredictionStats()
         self.requests: list[GenerateRequest] = []
@@ -179,6 +180,10 @@ class FakeBackend:
         stats = self.predictions
         self.predictions = dataclasses.replace(stats, abs_errors=(), predict_seconds=())
         return stats
+
+    async def failover_stats(self) -> dict[str, int]:
+        """The current `self.failovers`."""
+        return dict(self.failovers)
 
     async def instances(self) -> tuple[InstanceLoad, ...]:
         """Every instance in `self.loads`."""

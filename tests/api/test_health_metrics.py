@@ -170,3 +170,15 @@ async def test_models_lists_the_served_name(client: httpx.AsyncClient,
     assert body["object"] == "list"
     assert [(m["id"], m["object"], m["root"]) for m in body["data"]] == [
         ("smol", "model", backend.model_name)]
+
+
+async def test_failovers_are_counted_by_leg(client: httpx.AsyncClient,
+                                            backend: FakeBackend) -> None:
+    backend.failovers = {"prefill": 2, "decode": 1}
+    text = (await client.get("/metrics")).text
+    assert metric(text, "shuffleinfer_failovers_total", leg="prefill") == 2
+    assert metric(text, "shuffleinfer_failovers_total", leg="decode") == 1
+    backend.failovers = {"prefill": 3, "decode": 1}
+    text = (await client.get("/metrics")).text
+    assert metric(text, "shuffleinfer_failovers_total", leg="prefill") == 3
+    assert metric(text, "shuffleinfer_failovers_total", leg="decode") == 1

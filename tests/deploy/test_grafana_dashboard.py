@@ -42,6 +42,7 @@ def exported_labels() -> dict[str, frozenset[str]]:
                                           num_scored=2, num_bucket_hits=1,
                                           abs_errors=(12, 80), predict_seconds=(0.0004,),
                                           version=7)
+    backend.failovers = {"prefill": 1, "decode": 1}
     with TestClient(create_app(backend, served_model_name="smol")) as client:
         chat = {"model": "smol", "messages": [{"role": "user", "content": "Hi!"}]}
         assert client.post("/v1/chat/completions", json=chat).status_code == 200

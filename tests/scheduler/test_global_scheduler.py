@@ -6,7 +6,8 @@ import random
 
 import pytest
 
-from shuffleinfer.scheduler.global_scheduler import GlobalScheduler
+from shuffleinfer.protocol import InstanceLoad
+from shuffleinfer.scheduler.global_scheduler import GlobalScheduler, NoInstanceError
 from shuffleinfer.scheduler.prediction import Prediction
 from shuffleinfer.scheduler.predictors import bucketed
 
@@ -180,3 +181,21 @@ def test_a_decode_without_prediction_is_placed_and_counted_as_a_fallback() -> No
         sched.prefill_done(req)
         assert sched.schedule_decode(req) in {"d0", "d1"}
     assert sched.num_fallbacks == {"no_prediction": 3}
+
+
+def test_instances_the_monitor_cannot_reach_and_the_ones_to_avoid_get_no_work() -> None:
+    sched = GlobalScheduler(["p0", "p1"], ["d0", "d1"])
+    reachable = [InstanceLoad("p1", "prefill", ready=True),
+                 InstanceLoad("d0", "decode", ready=True),
+                 InstanceLoad("d1", "decode", ready=False)]  # restarting
+    sched.on_monitor(reachable)  # p0 did not answer: dead
+    assert {sched.schedule_prefill(r, 10) for r in "abc"} == {"p1"}
+    for r in "abc":
+        sched.prefill_done(r)
+    assert {sched.schedule_decode(r) for r in "abc"} == {"d0"}
+    # A retry avoids where its leg just died; with nothing left, it is refused (503).
+    with pytest.raises(NoInstanceError, match="no prefill instance"):
+        sched.schedule_prefill("x", 10, avoid=["p1"])
+    sched.on_monitor([InstanceLoad(i, "prefill" if i[0] == "p" else "decode", ready=True)
+                      for i in ("p0", "p1", "d0", "d1")])  # both back
+    assert sched.schedule_prefill("y", 10, avoid=["p1"]) == "p0"
