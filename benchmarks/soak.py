@@ -66,10 +66,10 @@ class Sampler(threading.Thread):
         self.url, self.pid, self.every_s = url, pid, every_s
         self.started = time.monotonic()
         self.rows: list[dict[str, Any]] = []
-        self._stop = threading.Event()
+        self._done = threading.Event()
 
     def run(self) -> None:
-        while not self._stop.is_set():
+        while not self._done.is_set():
             row: dict[str, Any] = {"t_s": time.monotonic() - self.started,
                                    "rss_mib": tree_rss_mib(self.pid)}
             try:
@@ -79,10 +79,10 @@ class Sampler(threading.Thread):
             except (httpx.HTTPError, ValueError):
                 row["health_error"] = True
             self.rows.append(row)
-            self._stop.wait(self.every_s)
+            self._done.wait(self.every_s)
 
     def stop(self) -> None:
-        self._stop.set()
+        self._done.set()
         self.join()
 
 
