@@ -126,9 +126,11 @@ class GlobalScheduler:
         return max(report.num_free_kv_tokens - self._placed_kv[instance_id], 0)
 
     def _candidates(self, role: Role, avoid: Sequence[str] = ()) -> list[str]:
-        """Active instances of `role` that the monitor last reached, less `avoid` (where
-        the request's leg just died)."""
-        ids = [i for i in self.roster.active(role) if i not in self._down and i not in avoid]
+        """Active instances of `role`, less `avoid` (where the request's leg just died):
+        those the monitor last reached, or, when it reached none of them (a busy instance
+        can miss a tick's timeout), all of them rather than refuse the request."""
+        active = [i for i in self.roster.active(role) if i not in avoid]
+        ids = [i for i in active if i not in self._down] or active
         if not ids:
             raise NoInstanceError(f"no {role} instance takes work now")
         return ids

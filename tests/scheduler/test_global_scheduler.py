@@ -193,9 +193,12 @@ def test_instances_the_monitor_cannot_reach_and_the_ones_to_avoid_get_no_work() 
     for r in "abc":
         sched.prefill_done(r)
     assert {sched.schedule_decode(r) for r in "abc"} == {"d0"}
-    # A retry avoids where its leg just died; with nothing left, it is refused (503).
+    # A retry avoids where its leg just died. With no reached instance left it tries
+    # the unreached ones (busy ones miss ticks); with none at all it is refused (503).
+    assert sched.schedule_prefill("x", 10, avoid=["p1"]) == "p0"
+    sched.finish("x")
     with pytest.raises(NoInstanceError, match="no prefill instance"):
-        sched.schedule_prefill("x", 10, avoid=["p1"])
+        sched.schedule_prefill("x", 10, avoid=["p0", "p1"])
     sched.on_monitor([InstanceLoad(i, "prefill" if i[0] == "p" else "decode", ready=True)
                       for i in ("p0", "p1", "d0", "d1")])  # both back
     assert sched.schedule_prefill("y", 10, avoid=["p1"]) == "p0"
