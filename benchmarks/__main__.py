@@ -1,4 +1,4 @@
-"""`python -m benchmarks replay|compare|soak ...` (run from the repository root)."""
+"""`python -m benchmarks replay|compare|soak|kv ...` (run from the repository root)."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from benchmarks.kv import add_kv_parser, run_kv
 from benchmarks.replay import DEFAULT_DATA_DIR, add_workload_args, check_workload_args
 from benchmarks.systems import SYSTEM_NAMES
 
@@ -102,7 +103,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     replay = _replay_parser(subparsers)
     compare = _compare_parser(subparsers)
     soak = _soak_parser(subparsers)
+    kv = add_kv_parser(subparsers)
     args = parser.parse_args(argv)
+    if args.command == "kv":
+        if args.rounds < 1 or args.block_size < 1:
+            kv.error("--rounds and --block-size must be >= 1")
+        return run_kv(args)
     sub = {"replay": replay, "compare": compare, "soak": soak}[args.command]
     if args.command == "soak":
         for flag in ("minutes", "load", "capacity_rps", "sample_s", "timeout_s"):

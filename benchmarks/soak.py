@@ -86,14 +86,15 @@ class Sampler(threading.Thread):
         self.join()
 
 
-def wait_idle(url: str, timeout_s: float = 120) -> list[dict[str, Any]]:
+def wait_idle(url: str, timeout_s: float = 120, poll_s: float = 1.0) -> list[dict[str, Any]]:
+    """Every instance's load once none runs a request or holds KV (or at the timeout)."""
     deadline = time.monotonic() + timeout_s
     while True:
         loads = instances(url)
         if all(x["num_running_reqs"] == 0 and x["kv_cache_usage"] == 0 for x in loads) \
                 or time.monotonic() > deadline:
             return loads
-        time.sleep(1)
+        time.sleep(poll_s)
 
 
 def capacity_rps(url: str, model: str, builder: PromptBuilder, workload: Any,

@@ -16,7 +16,7 @@ Everything here is a plain dataclass so it pickles through Ray and stays testabl
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
@@ -126,14 +126,53 @@ class InstanceLoad:
 
 
 @dataclass(frozen=True)
-class KVTransferStats:
-    """Cumulative KV hand-over counters of one decode instance."""
+class TransportStats:
+    """Cumulative hand-over counters of one transport ("tcp", "shm", "nccl"; "none" for
+    pulls that failed before a transport was chosen)."""
 
     num_transfers: int = 0
     num_failures: int = 0
     num_bytes: int = 0
-    seconds: tuple[float, ...] = field(default_factory=tuple)
+    seconds: tuple[float, ...] = ()
     """Duration of each transfer not reported before (drained on read)."""
+
+    def __add__(self, other: TransportStats) -> TransportStats:
+        return TransportStats(self.num_transfers + other.num_transfers,
+                              self.num_failures + other.num_failures,
+                              self.num_bytes + other.num_bytes, self.seconds + other.seconds)
+
+
+@dataclass(frozen=True)
+class KVTransferStats:
+    """Cumulative KV hand-over counters of one instance (or, summed, of the cluster)."""
+
+    transports: Mapping[str, TransportStats] = field(default_factory=dict)
+    num_expired_leases: int = 0
+    """Prefill-side leases that ran out unpulled (their blocks were freed)."""
+    num_recomputed_tokens: int = 0
+    """Prompt tokens a decode computed itself because their KV did not arrive."""
+    num_unauthorized: int = 0
+    """KV server requests refused for a missing or wrong cluster token."""
+
+    @property
+    def num_transfers(self) -> int:
+        return sum(t.num_transfers for t in self.transports.values())
+
+    @property
+    def num_failures(self) -> int:
+        return sum(t.num_failures for t in self.transports.values())
+
+    @property
+    def num_bytes(self) -> int:
+        return sum(t.num_bytes for t in self.transports.values())
+
+    def __add__(self, other: KVTransferStats) -> KVTransferStats:
+        transports = dict(self.transports)
+        for name, t in other.transports.items():
+            transports[name] = transports.get(name, TransportStats()) + t
+        return KVTransferStats(transports, self.num_expired_leases + other.num_expired_leases,
+                               self.num_recomputed_tokens + other.num_recomputed_tokens,
+                               self.num_unauthorized + other.num_unauthorized)
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-from shuffleinfer.protocol import Backend, KVTransferStats, TokenDelta
+from shuffleinfer.protocol import Backend, KVTransferStats, TokenDelta, TransportStats
 
 logger = logging.getLogger(__name__)
 
@@ -71,14 +71,28 @@ class ApiMetrics:
         self.decoded = Counter("shuffleinfer_requests_decoded", "Requests whose decode ran "
                                "on this instance", ["instance"], registry=r)
         self.kv_transfers = Counter("shuffleinfer_kv_transfers", "KV cache hand-overs from "
-                                    "prefill to decode instances", registry=r)
+                                    "prefill to decode instances, by transport",
+                                    ["transport"], registry=r)
         self.kv_transfer_failures = Counter("shuffleinfer_kv_transfer_failures", "Failed KV "
-                                            "cache hand-overs", registry=r)
+                                            "cache hand-overs, by transport (none: failed "
+                                            "before one was chosen)", ["transport"],
+                                            registry=r)
         self.kv_transfer_bytes = Counter("shuffleinfer_kv_transfer_bytes", "Bytes of KV "
-                                         "cache handed over", registry=r)
+                                         "cache handed over, by transport", ["transport"],
+                                         registry=r)
         self.kv_transfer_seconds = Histogram("shuffleinfer_kv_transfer_seconds", "Duration "
-                                             "of one KV cache hand-over",
-                                             buckets=KV_TRANSFER_BUCKETS_S, registry=r)
+                                             "of one KV cache hand-over, by transport",
+                                             ["transport"], buckets=KV_TRANSFER_BUCKETS_S,
+                                             registry=r)
+        self.kv_expired_leases = Counter("shuffleinfer_kv_expired_leases", "Prefill-side "
+                                         "KV leases that expired unpulled (blocks freed)",
+                                         registry=r)
+        self.kv_recomputed_tokens = Counter("shuffleinfer_kv_recomputed_tokens", "Prompt "
+                                            "tokens a decode instance computed itself "
+                                            "because their KV did not arrive", registry=r)
+        self.kv_unauthorized = Counter("shuffleinfer_kv_unauthorized", "KV server requests "
+                                       "refused for a missing or wrong cluster token",
+                                       registry=r)
         self.kv_stats_errors = Counter("shuffleinfer_kv_stats_errors", "Scrapes on which "
                                        "backend.kv_stats() failed (KV metrics left stale)",
                                        registry=r)
@@ -120,11 +134,18 @@ class ApiMetrics:
             self.kv_stats_errors.inc()
             return
         seen = self._kv_seen
-        mirror(self.kv_transfers, stats.num_transfers, seen.num_transfers)
-        mirror(self.kv_transfer_failures, stats.num_failures, seen.num_failures)
-        mirror(self.kv_transfer_bytes, stats.num_bytes, seen.num_bytes)
-        for seconds in stats.seconds:
-            self.kv_transfer_seconds.observe(seconds)
+        for name, now in stats.transports.items():
+            before = seen.transports.get(name, TransportStats())
+            mirror(self.kv_transfers.labels(name), now.num_transfers, before.num_transfers)
+            mirror(self.kv_transfer_failures.labels(name), now.num_failures,
+                   before.num_failures)
+            mirror(self.kv_transfer_bytes.labels(name), now.num_bytes, before.num_bytes)
+            for seconds in now.seconds:
+                self.kv_transfer_seconds.labels(name).observe(seconds)
+        mirror(self.kv_expired_leases, stats.num_expired_leases, seen.num_expired_leases)
+        mirror(self.kv_recomputed_tokens, stats.num_recomputed_tokens,
+               seen.num_recomputed_tokens)
+        mirror(self.kv_unauthorized, stats.num_unauthorized, seen.num_unauthorized)
         self._kv_seen = stats
 
     def render(self) -> bytes:

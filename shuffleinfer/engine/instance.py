@@ -239,6 +239,7 @@ class EngineInstance:
             if not kv_params:
                 logger.warning("%s: no KV lease for %s; the decode will recompute the prompt",
                                self.spec.instance_id, req.req_id)
+                self._stats.kv.record_recomputed(len(req.prompt_token_ids))
         else:
             kv_params = None  # finished by its first token: nothing to hand over
         return PrefillResult(first=first, kv_transfer_params=kv_params,

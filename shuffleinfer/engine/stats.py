@@ -44,8 +44,4 @@ class EngineStatsCollector:
         return _Logger(self)
 
     def kv_stats(self) -> KVTransferStats:
-        new = tuple(self.kv.data["seconds"])
-        self.kv.data["seconds"] = []
-        return KVTransferStats(num_transfers=self.kv.data["num_transfers"],
-                               num_failures=self.kv.data["num_failures"],
-                               num_bytes=self.kv.data["num_bytes"], seconds=new)
+        return self.kv.drain()

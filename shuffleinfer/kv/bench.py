@@ -1,21 +1,19 @@
-"""Benchmark of the CPU KV transports: hand N MiB of blocks over by tcp and by shm.
-
-    python -m shuffleinfer.kv.bench [--mib 256] [--rounds 5] [--block-size 128]
+"""Measurements behind `python -m benchmarks kv` (and `shuffleinfer calibrate`'s link
+speed): hand blocks over by tcp and by shm, and the primitives they are built on.
 
 A prefill worker (a real `ConnectorWorker` with its KV server) runs in a child process on
 CPU tensors shaped like the default model's cache (30 layers, 3 KV heads x 64 dims,
 float32, vLLM's CPU block size 128); this process pulls its leased blocks into its own
-cache through each transport in turn, checks the bytes, and prints GB/s (10^9 bytes per
-second) for each and their ratio. Every round's bytes are checked. Round 0 is not timed:
-it is where shm allocates the segment it then reuses (its time is shown as "first ms").
+cache through each transport in turn and checks the bytes of every round. Round 0 is not
+timed: it is where shm allocates the segment it then reuses. The limits: one in-process
+memcpy of the same bytes, and a raw loopback socket stream from another process.
 """
 
 from __future__ import annotations
 
-import argparse
 import math
 import multiprocessing as mp
-import statistics
+import socket
 import time
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
@@ -25,7 +23,6 @@ import torch
 
 from shuffleinfer.kv.block_views import VLLM_BLOCK_DIM, KVCacheViews
 from shuffleinfer.kv.shm import ShmTransport
-from shuffleinfer.kv.shm_segments import Segment, discard
 from shuffleinfer.kv.tcp import TcpTransport
 from shuffleinfer.kv.transport import Peer, PullRequest, Transport
 
@@ -85,9 +82,13 @@ def _reply(conn: Connection, proc: mp.process.BaseProcess, timeout_s: float = 12
 
 
 def run(mib: float, rounds: int, shape: CacheShape) -> dict[str, list[float]]:
-    """Seconds per hand-over of `mib` MiB, per transport, interleaved round by round;
-    the first entry of each list is the untimed warm-up round's."""
-    num_blocks = max(1, math.ceil(mib * (1 << 20) / shape.block_bytes))
+    """Seconds per hand-over of `mib` MiB, per transport (see `run_blocks`)."""
+    return run_blocks(max(1, math.ceil(mib * (1 << 20) / shape.block_bytes)), rounds, shape)
+
+
+def run_blocks(num_blocks: int, rounds: int, shape: CacheShape) -> dict[str, list[float]]:
+    """Seconds per hand-over of `num_blocks` blocks, per transport, interleaved round by
+    round; the first entry of each list is the untimed warm-up round's."""
     transports: list[Transport] = [TcpTransport(), ShmTransport()]
     ctx = mp.get_context("spawn")
     parent, child = ctx.Pipe()
@@ -124,45 +125,51 @@ def run(mib: float, rounds: int, shape: CacheShape) -> dict[str, list[float]]:
             proc.kill()
 
 
-def segment_seconds(nbytes: int, rounds: int) -> float:
-    """Median seconds to create (allocate and zero), unlink and free a segment of
-    `nbytes`: what each shm pull cost before segments were reused."""
+def memcpy_seconds(nbytes: int, rounds: int) -> list[float]:
+    """Seconds per copy of `nbytes` from one buffer to another in this process (torch's
+    copy, the primitive the shm transport copies with): the limit shm is held against."""
+    src = torch.ones(nbytes, dtype=torch.uint8)
+    dst = torch.empty_like(src)
     times = []
-    for _ in range(rounds):
+    for _ in range(rounds + 1):
         started = time.perf_counter()
-        segment = Segment.create(nbytes)
-        discard(segment)
+        dst.copy_(src)
         times.append(time.perf_counter() - started)
-    return statistics.median(times)
+    return times
 
 
-def main(argv: list[str] | None = None) -> None:
-    """Command line entry: run and print a table."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--mib", type=float, default=256.0, help="MiB handed over per pull")
-    parser.add_argument("--rounds", type=int, default=5, help="timed pulls per transport")
-    parser.add_argument("--block-size", type=int, default=128, help="tokens per block")
-    args = parser.parse_args(argv)
-    shape = CacheShape(block_size=args.block_size)
-    num_blocks = max(1, math.ceil(args.mib * (1 << 20) / shape.block_bytes))
-    nbytes = num_blocks * shape.block_bytes
-    seconds = run(args.mib, args.rounds, shape)
-    print(f"KV hand-over of {nbytes / (1 << 20):.1f} MiB: {num_blocks} blocks x "
-          f"{shape.num_layers} layers, block [{shape.kv_heads}, {shape.block_size}, "
-          f"{2 * shape.head_size}] {str(shape.dtype).removeprefix('torch.')}, "
-          f"{args.rounds} timed rounds each")
-    print(f"{'transport':<10} {'median GB/s':>12} {'best GB/s':>10} {'median ms':>10} "
-          f"{'first ms':>9}")
-    medians = {}
-    for name, (first, *times) in seconds.items():
-        medians[name] = statistics.median(times)
-        print(f"{name:<10} {nbytes / medians[name] / 1e9:>12.2f} "
-              f"{nbytes / min(times) / 1e9:>10.2f} {medians[name] * 1e3:>10.1f} "
-              f"{first * 1e3:>9.1f}")
-    print(f"shm / tcp (median throughput): {medians['tcp'] / medians['shm']:.2f}x")
-    print(f"a new segment's allocation and release (once per pair, then reused): "
-          f"{segment_seconds(nbytes, args.rounds) * 1e3:.1f} ms")
+def _socket_sender(port: int, nbytes: int, rounds: int) -> None:
+    """Child process: connect to loopback `port` and send `nbytes` `rounds` times."""
+    data = memoryview(bytearray(b"\x01") * nbytes)
+    with socket.create_connection(("127.0.0.1", port)) as sock:
+        for _ in range(rounds):
+            sock.recv(1)  # the receiver is ready for the next round
+            sock.sendall(data)
 
 
-if __name__ == "__main__":
-    main()
+def socket_seconds(nbytes: int, rounds: int) -> list[float]:
+    """Seconds per stream of `nbytes` from another process over a loopback TCP socket
+    (one `sendall`, `recv_into` one buffer): the limit tcp is held against."""
+    from shuffleinfer.kv.channel import recv_exact_into
+
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        ctx = mp.get_context("spawn")
+        proc = ctx.Process(target=_socket_sender,
+                           args=(server.getsockname()[1], nbytes, rounds + 1), daemon=True)
+        proc.start()
+        server.settimeout(120)
+        try:
+            sock, _ = server.accept()
+            with sock:
+                view = memoryview(bytearray(nbytes))
+                times = []
+                for _ in range(rounds + 1):
+                    started = time.perf_counter()
+                    sock.sendall(b"g")
+                    recv_exact_into(sock, view)
+                    times.append(time.perf_counter() - started)
+            proc.join(30)
+            return times
+        finally:
+            if proc.is_alive():
+                proc.kill()

@@ -56,6 +56,8 @@ class PlannedLoad:
     remote_host_id: str | None = None
     """The prefill's host identity; None (params from an older prefill): another host."""
     remote_kv_device: str = "cpu"
+    num_tokens: int = 0
+    """Prompt tokens the blocks hold (what the decode recomputes if the pull fails)."""
 
 
 @dataclass

@@ -87,7 +87,8 @@ class ConnectorScheduler:
             remote_host=str(params[m.REMOTE_HOST]), remote_port=int(params[m.REMOTE_PORT]),
             remote_block_ids=remote, local_block_ids=local,
             remote_host_id=_str_or_none(params.get(m.REMOTE_HOST_ID)),
-            remote_kv_device=str(params.get(m.REMOTE_KV_DEVICE) or "cpu")))
+            remote_kv_device=str(params.get(m.REMOTE_KV_DEVICE) or "cpu"),
+            num_tokens=num_external_tokens))
 
     def build_connector_meta(self) -> m.ShuffleConnectorMetadata:
         """Called once per engine step; hands this step's news to the worker half."""

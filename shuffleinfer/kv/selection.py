@@ -11,8 +11,9 @@ An error is raised as KVTransferError, so it takes the pull's failure path (the 
 recomputes, the failure is logged and counted): a forced transport never hangs a pull.
 
 Why auto takes shm on one host: with its segment reused across pulls (`shm_segments`),
-shm handed 259 MiB over faster than loopback tcp in each of 7 runs of
-`python -m shuffleinfer.kv.bench --rounds 9` on a 2-core CPU machine busy with other work:
+shm handed 259 MiB over faster than loopback tcp in each of 7 runs of the transport
+benchmark (9 rounds; now `python -m benchmarks kv`) on a 2-core CPU machine busy with
+other work:
 median pull 219 ms against 387 ms, shm/tcp 1.2x-2.2x (median 1.9x). While each pull made
 a fresh segment, shm was 0.6x-0.8x tcp: the kernel zeroing and freeing the pages cost
 more than the copies.

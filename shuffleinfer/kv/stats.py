@@ -1,9 +1,10 @@
 """KV hand-over counters, carried from the worker to the engine's stat loggers.
 
-Totals (`num_transfers`, `num_failures`, `num_bytes`) plus the same per transport
-(`num_transfers_tcp`, `num_bytes_shm`, ...), expired leases, requests refused for a wrong
-or missing auth token (`num_unauthorized`), and per-transfer seconds. Flat keys, so the
-dict vLLM ships between processes stays plain.
+Per transport (`num_transfers_tcp`, `num_bytes_shm`, ... and `_none` for pulls that failed
+before a transport was chosen) with their totals, expired leases, prompt tokens a decode
+recomputed because their KV did not arrive, requests refused for a wrong or missing auth
+token (`num_unauthorized`), and per-transfer seconds per transport (`seconds_tcp`, ...).
+Flat keys, so the dict vLLM ships between processes stays plain.
 """
 
 from __future__ import annotations
@@ -14,34 +15,43 @@ from typing import Any
 from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorStats
 
 from shuffleinfer.kv.transport import TRANSPORT_NAMES
+from shuffleinfer.protocol import KVTransferStats, TransportStats
 
+NO_TRANSPORT = "none"
+_LABELS = (*TRANSPORT_NAMES, NO_TRANSPORT)
 _PER_TRANSPORT = ("num_transfers", "num_failures", "num_bytes")
 _COUNTERS = (*_PER_TRANSPORT, "num_expired_leases", "num_unauthorized",
-             *(f"{key}_{name}" for name in TRANSPORT_NAMES for key in _PER_TRANSPORT))
+             "num_recomputed_tokens",
+             *(f"{key}_{name}" for name in _LABELS for key in _PER_TRANSPORT))
+_SECONDS = tuple(f"seconds_{name}" for name in _LABELS)
 
 
 @dataclass
 class ShuffleKVStats(KVConnectorStats):
-    """Transfers, failures, bytes (in total and per transport), expired leases, refused
-    requests and per-transfer seconds in one interval."""
+    """Transfers, failures, bytes (in total and per transport), expired leases, recomputed
+    tokens, refused requests and per-transfer seconds in one interval."""
 
     def __post_init__(self) -> None:
         if not self.data:
             self.reset()
 
     def reset(self) -> None:
-        self.data = {key: 0 for key in _COUNTERS} | {"seconds": []}
+        self.data = {key: 0 for key in _COUNTERS} | {key: [] for key in _SECONDS}
 
-    def record_transfer(self, nbytes: int, seconds: float, transport: str | None = None
-                        ) -> None:
+    def record_transfer(self, nbytes: int, seconds: float, transport: str) -> None:
         """A pull finished; `transport` is the one that moved it."""
         self._count("num_transfers", transport)
         self._count("num_bytes", transport, nbytes)
-        self.data["seconds"].append(seconds)
+        self.data[f"seconds_{transport}"].append(seconds)
 
-    def record_failure(self, transport: str | None = None) -> None:
-        """A pull failed; `transport` is the one chosen, None if none could be."""
-        self._count("num_failures", transport)
+    def record_failure(self, transport: str | None, recomputed_tokens: int = 0) -> None:
+        """A pull failed; `transport` is the one chosen, None if none could be; the decode
+        computes `recomputed_tokens` prompt tokens itself instead."""
+        self._count("num_failures", transport or NO_TRANSPORT)
+        self.record_recomputed(recomputed_tokens)
+
+    def record_recomputed(self, num_tokens: int) -> None:
+        self.data["num_recomputed_tokens"] += num_tokens
 
     def record_expired(self) -> None:
         self.data["num_expired_leases"] += 1
@@ -49,25 +59,40 @@ class ShuffleKVStats(KVConnectorStats):
     def record_unauthorized(self) -> None:
         self.data["num_unauthorized"] += 1
 
-    def _count(self, key: str, transport: str | None, amount: int = 1) -> None:
+    def _count(self, key: str, transport: str, amount: int = 1) -> None:
         self.data[key] += amount
-        if transport is not None and f"{key}_{transport}" in self.data:
+        if f"{key}_{transport}" in self.data:
             self.data[f"{key}_{transport}"] += amount
 
     def aggregate(self, other: KVConnectorStats) -> ShuffleKVStats:
         for key in _COUNTERS:
             self.data[key] += int(other.data.get(key, 0))
-        self.data["seconds"] = list(self.data["seconds"]) + list(other.data.get("seconds", []))
+        for key in _SECONDS:
+            self.data[key] = list(self.data[key]) + list(other.data.get(key, []))
         return self
 
     def reduce(self) -> dict[str, int | float]:
-        seconds = self.data["seconds"]
+        seconds = [x for key in _SECONDS for x in self.data[key]]
         return {key: self.data[key] for key in _COUNTERS} | {
             "mean_seconds": sum(seconds) / len(seconds) if seconds else 0.0
         }
 
     def is_empty(self) -> bool:
         return not any(self.data[key] for key in _COUNTERS)
+
+    def drain(self) -> KVTransferStats:
+        """The cumulative counters as the api reads them, taking the seconds recorded
+        since the last drain (each transfer's duration is reported once)."""
+        transports = {}
+        for name in _LABELS:
+            seconds = tuple(self.data[f"seconds_{name}"])
+            self.data[f"seconds_{name}"] = []
+            counts = {key: int(self.data[f"{key}_{name}"]) for key in _PER_TRANSPORT}
+            if any(counts.values()) or seconds:
+                transports[name] = TransportStats(**counts, seconds=seconds)
+        return KVTransferStats(transports, num_expired_leases=self.data["num_expired_leases"],
+                               num_recomputed_tokens=self.data["num_recomputed_tokens"],
+                               num_unauthorized=self.data["num_unauthorized"])
 
     @classmethod
     def from_dict(cls, data: dict[str, Any] | None) -> ShuffleKVStats:

@@ -256,7 +256,7 @@ class ConnectorWorker(KVSource):
                            load.transfer_id, name or "(no transport)",
                            len(load.local_block_ids), e)
             with self._lock:
-                self._stats.record_failure(name)
+                self._stats.record_failure(name, recomputed_tokens=load.num_tokens)
                 self._load_errors.update(load.local_block_ids)
                 self._done_recving.add(load.engine_req_id)
             return

@@ -331,11 +331,7 @@ class RayBackend:
             if isinstance(r, BaseException) and not isinstance(r, (RayActorError,
                                                                    TimeoutError)):
                 raise r
-        return KVTransferStats(
-            num_transfers=sum(s.num_transfers for s in stats),
-            num_failures=sum(s.num_failures for s in stats),
-            num_bytes=sum(s.num_bytes for s in stats),
-            seconds=tuple(x for s in stats for x in s.seconds))
+        return sum(stats, KVTransferStats())
 
 
 async def _admin(call: Any) -> Any:

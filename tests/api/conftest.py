@@ -172,7 +172,8 @@ class FakeBackend:
     async def kv_stats(self) -> KVTransferStats:
         """The current `self.kv`; its `seconds` are drained like a real backend's."""
         stats = self.kv
-        self.kv = KVTransferStats(stats.num_transfers, stats.num_failures, stats.num_bytes)
+        self.kv = dataclasses.replace(stats, transports={
+            name: dataclasses.replace(t, seconds=()) for name, t in stats.transports.items()})
         return stats
 
     async def prediction_stats(self) -> PredictionStats:

@@ -6,7 +6,7 @@ import httpx
 from fastapi import FastAPI
 
 from shuffleinfer.api import create_app
-from shuffleinfer.protocol import InstanceLoad, KVTransferStats, PredictionStats
+from shuffleinfer.protocol import InstanceLoad, KVTransferStats, PredictionStats, TransportStats
 
 from .conftest import FakeBackend, metric
 
@@ -74,10 +74,12 @@ async def test_metrics_count_requests_tokens_and_instances(
         assert metric(text, f"{name}_count") == 2
     assert metric(text, "shuffleinfer_inter_token_latency_seconds_count") == 2 * (
         usage["completion_tokens"] - 1)
-    for name in ("shuffleinfer_kv_transfers_total", "shuffleinfer_kv_transfer_failures_total",
-                 "shuffleinfer_kv_transfer_bytes_total",
-                 "shuffleinfer_kv_transfer_seconds_count"):
-        assert f"\n{name} " in text
+    for name in ("shuffleinfer_kv_expired_leases_total",
+                 "shuffleinfer_kv_recomputed_tokens_total", "shuffleinfer_kv_unauthorized_total"):
+        assert f"\n{name} 0.0" in text
+    for name in ("shuffleinfer_kv_transfers", "shuffleinfer_kv_transfer_failures",
+                 "shuffleinfer_kv_transfer_bytes", "shuffleinfer_kv_transfer_seconds"):
+        assert f"# HELP {name}" in text  # labelled by transport: no series until a transfer
 
 
 async def test_ttft_and_inter_token_latency_follow_the_backend_pace(
@@ -100,21 +102,33 @@ async def test_ttft_and_inter_token_latency_follow_the_backend_pace(
 async def test_kv_counters_follow_the_backend_totals(
     client: httpx.AsyncClient, backend: FakeBackend
 ) -> None:
-    backend.kv = KVTransferStats(num_transfers=3, num_failures=1, num_bytes=3000,
-                                 seconds=(0.01, 0.02))
+    backend.kv = KVTransferStats(
+        {"shm": TransportStats(num_transfers=3, num_bytes=3000, seconds=(0.01, 0.02)),
+         "none": TransportStats(num_failures=1)},
+        num_expired_leases=1, num_recomputed_tokens=256, num_unauthorized=2)
     text = (await client.get("/metrics")).text
-    assert metric(text, "shuffleinfer_kv_transfers_total") == 3
-    assert metric(text, "shuffleinfer_kv_transfer_failures_total") == 1
-    assert metric(text, "shuffleinfer_kv_transfer_bytes_total") == 3000
-    assert metric(text, "shuffleinfer_kv_transfer_seconds_count") == 2
+    assert metric(text, "shuffleinfer_kv_transfers_total", transport="shm") == 3
+    assert metric(text, "shuffleinfer_kv_transfer_failures_total", transport="none") == 1
+    assert metric(text, "shuffleinfer_kv_transfer_bytes_total", transport="shm") == 3000
+    assert metric(text, "shuffleinfer_kv_transfer_seconds_count", transport="shm") == 2
+    assert metric(text, "shuffleinfer_kv_expired_leases_total") == 1
+    assert metric(text, "shuffleinfer_kv_recomputed_tokens_total") == 256
+    assert metric(text, "shuffleinfer_kv_unauthorized_total") == 2
 
-    backend.kv = KVTransferStats(num_transfers=5, num_failures=1, num_bytes=5000,
-                                 seconds=(0.03,))
+    backend.kv = KVTransferStats(
+        {"shm": TransportStats(num_transfers=4, num_bytes=4000, seconds=(0.03,)),
+         "tcp": TransportStats(num_transfers=1, num_bytes=1000, seconds=(0.04,)),
+         "none": TransportStats(num_failures=1)},
+        num_expired_leases=1, num_recomputed_tokens=256, num_unauthorized=2)
     text = (await client.get("/metrics")).text
-    assert metric(text, "shuffleinfer_kv_transfers_total") == 5
-    assert metric(text, "shuffleinfer_kv_transfer_bytes_total") == 5000
-    assert metric(text, "shuffleinfer_kv_transfer_seconds_count") == 3
-    assert abs(metric(text, "shuffleinfer_kv_transfer_seconds_sum") - 0.06) < 1e-9
+    assert metric(text, "shuffleinfer_kv_transfers_total", transport="shm") == 4
+    assert metric(text, "shuffleinfer_kv_transfers_total", transport="tcp") == 1
+    assert metric(text, "shuffleinfer_kv_transfer_bytes_total", transport="shm") == 4000
+    assert metric(text, "shuffleinfer_kv_transfer_seconds_count", transport="shm") == 3
+    assert abs(metric(text, "shuffleinfer_kv_transfer_seconds_sum", transport="shm")
+               - 0.06) < 1e-9
+    assert metric(text, "shuffleinfer_kv_transfer_seconds_count", transport="tcp") == 1
+    assert metric(text, "shuffleinfer_kv_recomputed_tokens_total") == 256
 
 
 async def test_prediction_metrics_follow_the_backend(

@@ -21,7 +21,7 @@ from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
 from shuffleinfer.api import create_app
-from shuffleinfer.protocol import KVTransferStats, PredictionStats
+from shuffleinfer.protocol import KVTransferStats, PredictionStats, TransportStats
 
 DASHBOARD = DEPLOY / "grafana/shuffleinfer-dashboard.json"
 # What Grafana substitutes before the query reaches Prometheus.
@@ -36,8 +36,9 @@ TARGET_LABELS = {"job", "instance"}
 def exported_labels() -> dict[str, frozenset[str]]:
     """Sample name (`*_total`, `*_bucket`, ...) -> its labels, from the app's /metrics."""
     backend = FakeBackend(build_byte_tokenizer())
-    backend.kv = KVTransferStats(num_transfers=2, num_failures=1, num_bytes=4096,
-                                 seconds=(0.002, 0.004))
+    backend.kv = KVTransferStats({"shm": TransportStats(num_transfers=2, num_failures=1,
+                                                        num_bytes=4096,
+                                                        seconds=(0.002, 0.004))})
     backend.predictions = PredictionStats(num_on_time=3, num_late=1, num_failed=1,
                                           num_scored=2, num_bucket_hits=1,
                                           abs_errors=(12, 80), predict_seconds=(0.0004,),

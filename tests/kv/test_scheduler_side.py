@@ -123,7 +123,8 @@ def test_planned_load_maps_remote_blocks_onto_the_new_local_blocks() -> None:
 
     loads = sched.build_connector_meta().new_loads
     assert loads == [m.PlannedLoad("T1", "dec-1", HOST, PORT, (4, 9, 2), (21, 22, 23),
-                                   remote_host_id=HOST_ID, remote_kv_device="cpu")]
+                                   remote_host_id=HOST_ID, remote_kv_device="cpu",
+                                   num_tokens=300)]
     assert sched.build_connector_meta().new_loads == []
 
 

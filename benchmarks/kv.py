@@ -1,0 +1,145 @@
+"""`python -m benchmarks kv --out DIR`: KV hand-over throughput of each CPU transport,
+next to what this machine allows, measured side by side in one run.
+
+For each prompt size (`--tokens`, default 128, 1k and 4k tokens) a prefill worker (a real
+`ConnectorWorker` with its KV server, in a child process) leases blocks shaped like the
+default model's cache (30 layers, 3 KV heads x 64 dims, float32, vLLM's CPU block size
+128) and this process pulls them through each transport, round by round, checking the
+bytes every time. Beside each transport the same number of bytes is moved by the
+primitive it is built on, the machine's limit for it:
+
+- shm against one in-process memcpy (torch's copy): shm copies once on each side, so
+  the goal is at least 0.5 of memcpy;
+- tcp against a raw loopback socket stream from another process (`sendall` of one
+  buffer, `recv_into` one buffer): the goal is at least 0.7 of it.
+
+Prints a table, writes DIR/summary.json (per transport and size: `gbps`, `limit_gbps`,
+`ratio`, milliseconds, bytes) and DIR/kv.png. Figures are medians of `--rounds` timed
+rounds after one untimed warm-up round (where shm allocates the segment it reuses).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from tqdm import tqdm
+
+if TYPE_CHECKING:  # torch is imported only when the benchmark runs
+    from shuffleinfer.kv.bench import CacheShape
+
+DEFAULT_TOKENS = (128, 1024, 4096)
+# What each transport is held against, and the share of it that is the goal.
+LIMITS = {"shm": ("memcpy", 0.5), "tcp": ("raw socket", 0.7)}
+
+
+def measure(tokens: int, rounds: int, shape: CacheShape) -> dict[str, dict[str, Any]]:
+    """Per transport: throughput of handing `tokens` tokens' blocks over, and its limit's."""
+    from shuffleinfer.kv.bench import memcpy_seconds, run_blocks, socket_seconds
+
+    num_blocks = math.ceil(tokens / shape.block_size)
+    nbytes = num_blocks * shape.block_bytes
+    seconds = run_blocks(num_blocks, rounds, shape)
+    limit_seconds = {"shm": memcpy_seconds(nbytes, rounds),
+                     "tcp": socket_seconds(nbytes, rounds)}
+    rows = {}
+    for name, (limit, goal) in LIMITS.items():
+        took = statistics.median(seconds[name][1:])
+        limit_took = statistics.median(limit_seconds[name][1:])
+        rows[name] = {
+            "tokens": tokens, "blocks": num_blocks, "bytes": nbytes,
+            "ms": took * 1e3, "gbps": nbytes / took / 1e9,
+            "limit": limit, "limit_ms": limit_took * 1e3,
+            "limit_gbps": nbytes / limit_took / 1e9, "ratio": limit_took / took,
+            "goal_ratio": goal, "first_ms": seconds[name][0] * 1e3,
+        }
+    return rows
+
+
+def table(results: dict[str, dict[str, dict[str, Any]]]) -> str:
+    """The stdout table: one line per transport and size."""
+    lines = [f"{'transport':<9} {'tokens':>6} {'MiB':>7} {'ms':>8} {'GB/s':>6}   "
+             f"{'limit':<10} {'GB/s':>6} {'ratio':>6} {'goal':>5}"]
+    for name, sizes in results.items():
+        for row in sizes.values():
+            ok = "ok" if row["ratio"] >= row["goal_ratio"] else "MISS"
+            lines.append(
+                f"{name:<9} {row['tokens']:>6} {row['bytes'] / 2**20:>7.1f} "
+                f"{row['ms']:>8.2f} {row['gbps']:>6.2f}   {row['limit']:<10} "
+                f"{row['limit_gbps']:>6.2f} {row['ratio']:>6.2f} "
+                f"{'>=' + format(row['goal_ratio'], '.1f'):>5} {ok}")
+    return "\n".join(lines)
+
+
+def plot(results: dict[str, dict[str, dict[str, Any]]], path: Path) -> None:
+    """Grouped bars per size: each transport beside its limit."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    fig, axes = plt.subplots(1, len(results), figsize=(5 * len(results), 4), squeeze=False)
+    for ax, (name, sizes) in zip(axes[0], results.items(), strict=True):
+        x = np.arange(len(sizes))
+        rows = list(sizes.values())
+        ax.bar(x - 0.2, [r["gbps"] for r in rows], 0.4, label=name)
+        ax.bar(x + 0.2, [r["limit_gbps"] for r in rows], 0.4, label=rows[0]["limit"],
+               color="grey")
+        ax.set_xticks(x, [f"{r['tokens']} tok" for r in rows])
+        ax.set_ylabel("GB/s")
+        ax.set_title(f"{name} vs {rows[0]['limit']}")
+        ax.legend()
+    fig.suptitle("KV hand-over throughput (medians)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def run_kv(args: argparse.Namespace) -> int:
+    """The `kv` subcommand: measure, print, write summary.json and kv.png."""
+    from shuffleinfer.kv.bench import CacheShape
+
+    shape = CacheShape(block_size=args.block_size)
+    args.out.mkdir(parents=True, exist_ok=True)
+    results: dict[str, dict[str, dict[str, Any]]] = {name: {} for name in LIMITS}
+    for tokens in tqdm(args.tokens, desc="prompt sizes", unit="size"):
+        for name, row in measure(tokens, args.rounds, shape).items():
+            results[name][str(tokens)] = row
+    print(f"KV hand-over: blocks of {shape.num_layers} layers x [{shape.kv_heads}, "
+          f"{shape.block_size}, {2 * shape.head_size}] "
+          f"{str(shape.dtype).removeprefix('torch.')} ({shape.block_bytes / 2**20:.2f} MiB "
+          f"each), medians of {args.rounds} rounds")
+    print(table(results))
+    summary = {"block_size": shape.block_size, "block_bytes": shape.block_bytes,
+               "rounds": args.rounds, "transports": results}
+    (args.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    plot(results, args.out / "kv.png")
+    print(f"wrote {args.out / 'summary.json'} and {args.out / 'kv.png'}")
+    return 0
+
+
+def add_kv_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """The `kv` subcommand's flags."""
+    p = subparsers.add_parser("kv", help="KV hand-over throughput vs this machine's limits",
+                              description=__doc__.splitlines()[0])
+    p.add_argument("--out", type=Path, required=True, metavar="DIR")
+    p.add_argument("--tokens", type=_sizes, default=DEFAULT_TOKENS, metavar="N[,N...]",
+                   help="prompt sizes in tokens (default 128,1024,4096)")
+    p.add_argument("--rounds", type=int, default=5, help="timed rounds per measurement")
+    p.add_argument("--block-size", type=int, default=128, help="tokens per KV block")
+    return p
+
+
+def _sizes(text: str) -> tuple[int, ...]:
+    try:
+        sizes = tuple(int(t) for t in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a list of integers: {text!r}") from None
+    if not sizes or min(sizes) < 1:
+        raise argparse.ArgumentTypeError(f"sizes must be >= 1: {text!r}")
+    return sizes
