@@ -38,20 +38,32 @@ from benchmarks.replay import build_workload
 from benchmarks.systems import EngineSettings, start_system, stop_system, wait_ready
 
 
-def tree_rss_mib(pid: int) -> float:
-    """Resident memory of a process and all its descendants, in MiB."""
+def tree_rss_mib(pid: int, labels: dict[int, str] | None = None,
+                 instance_pids: dict[int, str] | None = None) -> dict[str, float]:
+    """Resident memory (MiB) of each process in the tree under `pid`, keyed by a label
+    ("<pid> [<instance>] <command>", as first seen: Ray renames an actor's process with
+    the method it runs); `labels` keeps those first sightings across calls, and
+    `instance_pids` (pid -> instance id, from /health) names the instance a process
+    serves (the actor's own process, or any of its descendants: engine core, worker)."""
+    labels = {} if labels is None else labels
+    instance_pids = instance_pids or {}
     try:
         root = psutil.Process(pid)
         procs = [root, *root.children(recursive=True)]
     except psutil.Error:
-        return float("nan")
-    total = 0
+        return {}
+    rss = {}
     for p in procs:
         try:
-            total += p.memory_info().rss
+            if p.pid not in labels:
+                command = " ".join(p.cmdline()).strip() or p.name()
+                owner = next((instance_pids[a.pid] for a in [p, *p.parents()]
+                              if a.pid in instance_pids), None)
+                labels[p.pid] = f"{p.pid} {f'[{owner}] ' if owner else ''}{command[:50]}"
+            rss[labels[p.pid]] = p.memory_info().rss / 2**20
         except psutil.Error:
             continue
-    return total / 2**20
+    return rss
 
 
 def instances(url: str) -> list[dict[str, Any]]:
@@ -66,18 +78,24 @@ class Sampler(threading.Thread):
         self.url, self.pid, self.every_s = url, pid, every_s
         self.started = time.monotonic()
         self.rows: list[dict[str, Any]] = []
+        self._labels: dict[int, str] = {}
+        self._instance_pids: dict[int, str] = {}
         self._done = threading.Event()
 
     def run(self) -> None:
         while not self._done.is_set():
-            row: dict[str, Any] = {"t_s": time.monotonic() - self.started,
-                                   "rss_mib": tree_rss_mib(self.pid)}
+            row: dict[str, Any] = {"t_s": time.monotonic() - self.started}
             try:
                 for x in instances(self.url):
+                    if x.get("pid"):
+                        self._instance_pids[int(x["pid"])] = x["instance_id"]
                     row[f"free_kv:{x['instance_id']}"] = x["num_free_kv_tokens"]
                     row[f"running:{x['instance_id']}"] = x["num_running_reqs"]
             except (httpx.HTTPError, ValueError):
                 row["health_error"] = True
+            per_process = tree_rss_mib(self.pid, self._labels, self._instance_pids)
+            row["rss_mib"] = sum(per_process.values()) or float("nan")
+            row["rss_by_process"] = per_process
             self.rows.append(row)
             self._done.wait(self.every_s)
 
@@ -114,6 +132,20 @@ def trend_mib_per_min(rows: list[dict[str, Any]]) -> float:
         return float("nan")
     t = np.array([r["t_s"] for r in half]) / 60
     return float(np.polyfit(t, np.array([r["rss_mib"] for r in half]), 1)[0])
+
+
+def growth_by_process(rows: list[dict[str, Any]], top: int = 6) -> dict[str, dict[str, float]]:
+    """The `top` processes whose memory grew most from the first to the last row, with
+    their start, end and trend (MiB per minute over the second half)."""
+    if not rows:
+        return {}
+    first, last = rows[0]["rss_by_process"], rows[-1]["rss_by_process"]
+    grown = sorted((k for k in first if k in last), key=lambda k: first[k] - last[k])[:top]
+    return {k: {"start_mib": round(first[k], 1), "end_mib": round(last[k], 1),
+                "trend_mib_per_min": round(trend_mib_per_min(
+                    [{"t_s": r["t_s"], "rss_mib": r["rss_by_process"].get(k, float("nan"))}
+                     for r in rows]), 2)}
+            for k in grown}
 
 
 def plot(rows: list[dict[str, Any]], load_window: tuple[float, float], path: Path) -> None:
@@ -189,6 +221,7 @@ def run_soak(args: argparse.Namespace) -> int:
         "memory_mib_start": under_load[0]["rss_mib"] if under_load else None,
         "memory_mib_end": under_load[-1]["rss_mib"] if under_load else None,
         "memory_trend_mib_per_min": trend_mib_per_min(under_load),
+        "memory_by_process": growth_by_process(under_load),
         "free_kv_before": before, "free_kv_after": after, "kv_back": before == after,
         "errors": sorted({r.error for r in records if r.error})[:10],
     }

@@ -17,7 +17,7 @@ import pytest
 
 from shuffleinfer.kv import shm_segments
 from shuffleinfer.kv.channel import connect, recv_frame, send_frame
-from shuffleinfer.kv.shm import ShmTransport
+from shuffleinfer.kv.shm import Filler, ShmTransport
 from shuffleinfer.kv.shm_segments import AttachedSegments, Segment, discard
 from shuffleinfer.kv.transport import KVTransferError, Peer, PullRequest
 from tests.kv.conftest import FakeSource, serve
@@ -288,3 +288,58 @@ def test_segments_of_a_dead_worker_are_swept_and_live_ones_kept() -> None:
         assert orphan not in our_segments() and live.name in our_segments()
     finally:
         discard(live)
+
+
+def test_filler_copies_any_split_of_the_segment_into_odd_views_exactly() -> None:
+    rng = random.Random(3)
+    sizes = [rng.choice([0, 1, 5, 333, 4096]) for _ in range(40)]
+    data = bytes(rng.randbytes(sum(sizes)))
+    for _ in range(20):
+        dest = [bytearray(n) for n in sizes]
+        filler = Filler(memoryview(data), [memoryview(d) for d in dest])
+        cuts = sorted(rng.sample(range(len(data)), 6))
+        for cut in cuts:
+            assert filler.fill_to(cut) == cut
+        assert filler.fill_to(len(data) + 10) == len(data)  # no further than the views
+        assert b"".join(dest) == data
+
+
+def test_the_client_copies_each_filled_part_while_the_server_fills_the_next(
+        client: ShmTransport) -> None:
+    # A raw server: fills the first half, says so, and finishes only once the client has
+    # copied that half out (so the copies overlap), then fails the pull on purpose.
+    listener = socket.create_server(("127.0.0.1", 0))
+    half = 1 << 20
+    dest = bytearray(2 * half)
+    seen_first_half = threading.Event()
+
+    def run() -> None:
+        conn, _ = listener.accept()
+        with conn:
+            header = recv_frame(conn)
+            assert header["progress_bytes"] > 0
+            attached = AttachedSegments()
+            segment = attached.acquire(header["shm_name"], header["shm_bytes"])
+            segment.buf[:half] = b"a" * half
+            send_frame(conn, {"ok": True, "filled": half})
+            deadline = time.monotonic() + 5
+            while dest[:half] != b"a" * half and time.monotonic() < deadline:
+                time.sleep(0.01)
+            if dest[:half] == b"a" * half:
+                seen_first_half.set()
+            attached.release(segment)
+            attached.close()
+            send_frame(conn, {"ok": False, "error": "lease gone mid-copy"})
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    try:
+        with pytest.raises(KVTransferError, match="lease gone mid-copy"):
+            client.pull_views(Peer(*listener.getsockname()[:2]),
+                              PullRequest("t-stream", (0,), {}), [memoryview(dest)],
+                              timeout_s=10)
+        thread.join(10)
+        assert seen_first_half.is_set()
+        assert not _own_segments()  # a failed pull gives its segment up
+    finally:
+        listener.close()
