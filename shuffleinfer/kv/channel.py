@@ -196,10 +196,14 @@ def exchange(sock: socket.socket, header: dict[str, Any], auth_token: str | None
     if auth_token is not None:
         header = header | {AUTH_KEY: auth_token}
     send_frame(sock, header)
+    return recv_ok(sock, f"{header.get('op')} of {header.get('transfer_id')}")
+
+
+def recv_ok(sock: socket.socket, what: str) -> dict[str, Any]:
+    """The server's next reply if it says ok; else KVTransferError with its reason."""
     reply = recv_frame(sock)
     if not reply.get("ok"):
-        raise KVTransferError(f"KV server refused {header.get('op')} of "
-                              f"{header.get('transfer_id')}: {reply.get('error')}")
+        raise KVTransferError(f"KV server refused {what}: {reply.get('error')}")
     return reply
 
 

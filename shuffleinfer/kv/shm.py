@@ -23,7 +23,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from shuffleinfer.kv.block_views import KVCacheViews
-from shuffleinfer.kv.channel import connect, exchange, recv_frame, send_frame
+from shuffleinfer.kv.channel import connect, exchange, recv_ok, send_frame
 from shuffleinfer.kv.shm_segments import AttachedSegments, Segment, SegmentPool
 from shuffleinfer.kv.tcp import pull_header
 from shuffleinfer.kv.transport import KVSource, KVTransferError, Peer, PullRequest, Transport
@@ -97,11 +97,8 @@ class ShmTransport(Transport):
                 reply = exchange(sock, header, self._auth_token)
                 while "filled" in reply:  # a progress frame: copy out what is in
                     filler.fill_to(int(reply["filled"]))
-                    reply = recv_frame(sock)
-                    if not reply.get("ok"):
-                        raise KVTransferError(f"KV server failed: {reply.get('error')}")
-            if filler.fill_to(nbytes) != nbytes:
-                raise KVTransferError(f"{filler.copied} bytes for {nbytes} of blocks")
+                    reply = recv_ok(sock, f"pull of {request.transfer_id}")
+            filler.fill_to(nbytes)  # the rest (all of it, for a server that sent no progress)
             ok = True
             return nbytes
         except (OSError, ValueError, KVTransferError) as e:
