@@ -16,7 +16,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from shuffleinfer.cli_args import engine_arg, json_object
+from shuffleinfer.cli_args import boolean, engine_arg, json_object
 from shuffleinfer.config import ServeConfig, load_config
 from shuffleinfer.engine.calibrate import add_calibrate_parser
 from shuffleinfer.model.cli import add_model_parser
@@ -30,6 +30,7 @@ _SERVE_FLAGS: dict[str, Callable[[str], Any]] = {
     "kv_host": str, "kv_lease_s": float, "address": str, "api_key": str, "admin_token": str,
     "prefill_policy": str, "decode_policy": str, "cache_dir": Path, "predictor": str,
     "predictor_state": Path, "predictor_push_s": float, "kv_transport": str,
+    "kv_overlap": boolean,
     "prefill_resources": json_object, "decode_resources": json_object,
     "prefill_node_labels": json_object, "decode_node_labels": json_object,
     "gpus_per_instance": int, "max_restarts": int,

@@ -18,6 +18,16 @@ def json_object(text: str) -> dict[str, Any]:
     return value
 
 
+def boolean(text: str) -> bool:
+    """A flag value that is true or false (also on/off, yes/no, 1/0)."""
+    value = text.strip().lower()
+    if value in ("true", "on", "yes", "1"):
+        return True
+    if value in ("false", "off", "no", "0"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
 def engine_arg(text: str) -> tuple[str, Any]:
     """`--engine-arg KEY=VALUE`: VALUE parsed as JSON when it is JSON, else a string."""
     key, sep, value = text.partition("=")

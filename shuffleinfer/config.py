@@ -59,6 +59,10 @@ class ServeConfig(BaseModel):
     kv_transport: Literal["auto", "tcp", "shm", "nccl"] = Field("auto", description=(
         "KV hand-over wire. auto picks per prefill/decode pair: same host -> shm (nccl "
         "between GPUs), across hosts -> nccl between GPUs, else tcp."))
+    kv_overlap: bool = Field(True, description=(
+        "Overlap the KV hand-over with the prefill: each finished chunk's KV is copied out "
+        "while the next chunks compute, so only the last chunk is left when the prefill "
+        "ends. False: the decode pulls the whole prompt's KV after the prefill."))
     kv_lease_s: float = Field(30.0, gt=0, description=(
         "Seconds a prefilled KV cache waits for its decode before it is freed."))
     address: str | None = Field(None, description=(

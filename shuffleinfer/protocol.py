@@ -153,6 +153,9 @@ class KVTransferStats:
     """Prompt tokens a decode computed itself because their KV did not arrive."""
     num_unauthorized: int = 0
     """KV server requests refused for a missing or wrong cluster token."""
+    num_overlapped_blocks: int = 0
+    """Prefill-side blocks copied out while their prompt was still prefilling (overlap
+    mode); the rest of a staged prompt is copied when the prefill ends."""
 
     @property
     def num_transfers(self) -> int:
@@ -172,7 +175,8 @@ class KVTransferStats:
             transports[name] = transports.get(name, TransportStats()) + t
         return KVTransferStats(transports, self.num_expired_leases + other.num_expired_leases,
                                self.num_recomputed_tokens + other.num_recomputed_tokens,
-                               self.num_unauthorized + other.num_unauthorized)
+                               self.num_unauthorized + other.num_unauthorized,
+                               self.num_overlapped_blocks + other.num_overlapped_blocks)
 
 
 @dataclass(frozen=True)

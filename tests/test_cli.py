@@ -48,6 +48,7 @@ def run(argv: list[str]) -> int:
     (["--port", "abc"], "--port"),
     (["--port", "70000"], "--port"),
     (["--kv-lease-s", "0"], "--kv-lease-s"),
+    (["--kv-overlap", "sometimes"], "--kv-overlap"),
     (["--engine-arg", "model=x"], "--engine-arg"),
     (["--engine-arg", "max_num_seqs"], "--engine-arg"),
     (["--admin-token", ""], "--admin-token"),
@@ -156,3 +157,12 @@ def test_console_script_exits_2_on_unknown_flag() -> None:
                             text=True, timeout=60)
     assert result.returncode == 2
     assert "--bogus" in result.stderr
+
+
+@pytest.mark.parametrize(("value", "overlap"), [(None, True), ("false", False),
+                                                ("off", False), ("true", True)])
+def test_kv_overlap_is_on_by_default_and_can_be_turned_off(
+        value: str | None, overlap: bool, served: list[ServeConfig]) -> None:
+    assert run(["serve", *(["--kv-overlap", value] if value else [])]) == 0
+    (config,) = served
+    assert config.kv_overlap is overlap

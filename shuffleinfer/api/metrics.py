@@ -93,6 +93,10 @@ class ApiMetrics:
         self.kv_unauthorized = Counter("shuffleinfer_kv_unauthorized", "KV server requests "
                                        "refused for a missing or wrong cluster token",
                                        registry=r)
+        self.kv_overlapped_blocks = Counter("shuffleinfer_kv_overlapped_blocks", "KV "
+                                            "blocks a prefill instance copied out for the "
+                                            "hand-over while their prompt was still "
+                                            "prefilling (overlap mode)", registry=r)
         self.kv_stats_errors = Counter("shuffleinfer_kv_stats_errors", "Scrapes on which "
                                        "backend.kv_stats() failed (KV metrics left stale)",
                                        registry=r)
@@ -146,6 +150,8 @@ class ApiMetrics:
         mirror(self.kv_recomputed_tokens, stats.num_recomputed_tokens,
                seen.num_recomputed_tokens)
         mirror(self.kv_unauthorized, stats.num_unauthorized, seen.num_unauthorized)
+        mirror(self.kv_overlapped_blocks, stats.num_overlapped_blocks,
+               seen.num_overlapped_blocks)
         self._kv_seen = stats
 
     def render(self) -> bytes:

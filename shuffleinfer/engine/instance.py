@@ -70,6 +70,8 @@ class InstanceSpec:
     kv_lease_s: float = 30.0
     kv_transport: str = "auto"
     """KV hand-over wire (auto, tcp, shm, nccl); see shuffleinfer/kv."""
+    kv_overlap: bool = True
+    """Stage each prefill chunk's KV as it completes (shuffleinfer/kv/staging.py)."""
     kv_auth_token: str | None = None
     """Shared secret every KV request must carry; None: no check."""
     engine_args: dict[str, Any] = field(default_factory=dict)
@@ -111,6 +113,7 @@ def build_engine_args(spec: InstanceSpec) -> Any:
             "port": spec.kv_port,
             "lease_s": spec.kv_lease_s,
             "transport": spec.kv_transport,
+            "overlap": spec.kv_overlap,
             "auth_token": spec.kv_auth_token,
         },
     )

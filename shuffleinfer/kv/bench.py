@@ -4,8 +4,10 @@ speed): hand blocks over by tcp and by shm, and the primitives they are built on
 A prefill worker (a real `ConnectorWorker` with its KV server) runs in a child process on
 CPU tensors shaped like the default model's cache (30 layers, 3 KV heads x 64 dims,
 float32, vLLM's CPU block size 128); this process pulls its leased blocks into its own
-cache through each transport in turn and checks the bytes of every round. Round 0 is not
-timed: it is where shm allocates the segment it then reuses. The limits: one in-process
+cache through each transport in turn and checks the bytes of every round, in both modes:
+whole (the blocks are read out of the prefill's cache at pull time) and overlap (they were
+staged while the prefill ran, `staging.py`; only the pull is timed). Round 0 is not
+timed: it is where shm allocates the segments it then reuses. The limits: one in-process
 memcpy of the same bytes, and a raw loopback socket stream from another process.
 """
 
@@ -52,19 +54,29 @@ def make_caches(shape: CacheShape, num_blocks: int, seed: int) -> dict[str, torc
     return {f"model.layers.{i}.self_attn.attn": buffer[i] for i in range(shape.num_layers)}
 
 
+MODES = ("whole", "overlap")
+
+
 def _prefill_main(conn: Connection, shape: CacheShape, num_blocks: int) -> None:
-    """Child process: serve leases on request until told to stop (None)."""
-    from shuffleinfer.kv.metadata import Lease, ShuffleConnectorMetadata
+    """Child process: serve leases on request until told to stop (None); an overlap
+    round's blocks are staged (and the copies done) before the lease is acknowledged."""
+    from shuffleinfer.kv.metadata import Lease, ShuffleConnectorMetadata, StageBlocks
     from shuffleinfer.kv.worker_side import ConnectorWorker
 
-    worker = ConnectorWorker("127.0.0.1", 0, lease_s=600.0, pull_timeout_s=60.0)
+    worker = ConnectorWorker("127.0.0.1", 0, lease_s=600.0, pull_timeout_s=60.0,
+                             staging_bytes=2 * num_blocks * shape.block_bytes)
     worker.register_kv_caches(make_caches(shape, num_blocks, seed=0), num_blocks=num_blocks,
                               block_dim=VLLM_BLOCK_DIM)
     conn.send(worker.address)
     while (msg := conn.recv()) is not None:
-        transfer_id, block_ids = msg
+        transfer_id, block_ids, mode = msg
+        if mode == "overlap":
+            worker.after_forward(ShuffleConnectorMetadata(stage=[
+                StageBlocks(transfer_id, len(block_ids), 0, tuple(block_ids))]))
         worker.on_metadata(ShuffleConnectorMetadata(
             new_leases=[Lease(transfer_id, f"req-{transfer_id}", tuple(block_ids))]))
+        if worker.stager is not None:
+            worker.stager.fence([transfer_id])
         conn.send(True)
     worker.shutdown()
 
@@ -82,13 +94,15 @@ def _reply(conn: Connection, proc: mp.process.BaseProcess, timeout_s: float = 12
 
 
 def run(mib: float, rounds: int, shape: CacheShape) -> dict[str, list[float]]:
-    """Seconds per hand-over of `mib` MiB, per transport (see `run_blocks`)."""
-    return run_blocks(max(1, math.ceil(mib * (1 << 20) / shape.block_bytes)), rounds, shape)
+    """Seconds per whole-mode hand-over of `mib` MiB, per transport (see `run_blocks`)."""
+    blocks = max(1, math.ceil(mib * (1 << 20) / shape.block_bytes))
+    return run_blocks(blocks, rounds, shape, modes=("whole",))["whole"]
 
 
-def run_blocks(num_blocks: int, rounds: int, shape: CacheShape) -> dict[str, list[float]]:
-    """Seconds per hand-over of `num_blocks` blocks, per transport, interleaved round by
-    round; the first entry of each list is the untimed warm-up round's."""
+def run_blocks(num_blocks: int, rounds: int, shape: CacheShape,
+               modes: tuple[str, ...] = MODES) -> dict[str, dict[str, list[float]]]:
+    """Seconds per hand-over of `num_blocks` blocks, per mode and transport, interleaved
+    round by round; the first entry of each list is the untimed warm-up round's."""
     transports: list[Transport] = [TcpTransport(), ShmTransport()]
     ctx = mp.get_context("spawn")
     parent, child = ctx.Pipe()
@@ -101,20 +115,24 @@ def run_blocks(num_blocks: int, rounds: int, shape: CacheShape) -> dict[str, lis
         dst_caches = make_caches(shape, num_blocks, seed=1)
         kv = KVCacheViews(dst_caches, num_blocks=num_blocks, block_dim=VLLM_BLOCK_DIM)
         block_ids = tuple(range(num_blocks))
-        seconds: dict[str, list[float]] = {t.name: [] for t in transports}
-        for r in range(rounds + 1):  # round 0 warms up both paths
-            for transport in transports:
-                tid = f"{transport.name}-{r}"
-                parent.send((tid, block_ids))
-                _reply(parent, proc)
-                for cache in dst_caches.values():
-                    cache.zero_()
-                started = time.perf_counter()
-                transport.pull(peer, PullRequest(tid, block_ids, kv.layout), kv, block_ids, 60.0)
-                elapsed = time.perf_counter() - started
-                if not all(torch.equal(dst_caches[n], src[n]) for n in src):
-                    raise RuntimeError(f"{transport.name} delivered wrong bytes in round {r}")
-                seconds[transport.name].append(elapsed)
+        seconds: dict[str, dict[str, list[float]]] = {
+            mode: {t.name: [] for t in transports} for mode in modes}
+        for r in range(rounds + 1):  # round 0 warms up every path
+            for mode in modes:
+                for transport in transports:
+                    tid = f"{transport.name}-{mode}-{r}"
+                    parent.send((tid, block_ids, mode))
+                    _reply(parent, proc)
+                    for cache in dst_caches.values():
+                        cache.zero_()
+                    started = time.perf_counter()
+                    transport.pull(peer, PullRequest(tid, block_ids, kv.layout), kv,
+                                   block_ids, 60.0)
+                    elapsed = time.perf_counter() - started
+                    if not all(torch.equal(dst_caches[n], src[n]) for n in src):
+                        raise RuntimeError(f"{transport.name} ({mode}) delivered wrong bytes "
+                                           f"in round {r}")
+                    seconds[mode][transport.name].append(elapsed)
         parent.send(None)
         proc.join(30)
         return seconds

@@ -8,8 +8,9 @@ owns them (`scheduler_side.ConnectorScheduler`, `worker_side.ConnectorWorker`).
 
 `kv_connector_extra_config` keys (`options.ConnectorOptions`): host (KV server bind
 address), advertise_host (address peers dial; defaults to host), port, lease_s,
-pull_timeout_s, transport ("auto" | "tcp" | "shm" | "nccl", see `selection.py`) and
-auth_token (a shared secret every KV request must carry).
+pull_timeout_s, transport ("auto" | "tcp" | "shm" | "nccl", see `selection.py`),
+auth_token (a shared secret every KV request must carry), overlap (stage a prefill's
+blocks chunk by chunk as they complete, `staging.py`) and staging_mib (its bound).
 """
 
 from __future__ import annotations
@@ -58,11 +59,12 @@ class ShuffleKVConnector(KVConnectorBase_V1):
                 opts.advertise_host or opts.host, opts.port,
                 vllm_config.cache_config.block_size,
                 kv_device=str(vllm_config.device_config.device_type),
-                auth_token=opts.auth_token)
+                auth_token=opts.auth_token, overlap=opts.overlap)
         else:
             self._worker = ConnectorWorker(
                 opts.host, opts.port, opts.lease_s, opts.pull_timeout_s,
-                transport=opts.transport, auth_token=opts.auth_token)
+                transport=opts.transport, auth_token=opts.auth_token,
+                staging_bytes=opts.staging_mib << 20 if opts.overlap else 0)
 
     # --- worker side --------------------------------------------------------------------
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
@@ -82,6 +84,14 @@ class ShuffleKVConnector(KVConnectorBase_V1):
         meta = self._get_connector_metadata()
         return meta if isinstance(meta, ShuffleConnectorMetadata) else None
 
+    def bind_connector_metadata(self, connector_metadata: KVConnectorMetadata) -> None:
+        # Called before the step's forward pass: the last point to fence staging copies
+        # of blocks this forward may overwrite (vLLM may start loads after the forward).
+        super().bind_connector_metadata(connector_metadata)
+        if self._worker is not None and isinstance(connector_metadata,
+                                                   ShuffleConnectorMetadata):
+            self._worker.on_metadata(connector_metadata)
+
     def start_load_kv(self, forward_context: ForwardContext, **kwargs: Any) -> None:
         assert self._worker is not None
         if (meta := self._bound_metadata()) is not None:
@@ -95,9 +105,11 @@ class ShuffleKVConnector(KVConnectorBase_V1):
         return None  # nothing is pushed: decode engines pull leased blocks
 
     def wait_for_save(self) -> None:
+        # Called after the step's forward pass: its completed blocks can be staged.
         assert self._worker is not None
         if (meta := self._bound_metadata()) is not None:
             self._worker.on_metadata(meta)
+            self._worker.after_forward(meta)
 
     def get_finished(self, finished_req_ids: set[str]
                      ) -> tuple[set[str] | None, set[str] | None]:
@@ -134,7 +146,7 @@ class ShuffleKVConnector(KVConnectorBase_V1):
 
     def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KVConnectorMetadata:
         assert self._scheduler is not None
-        return self._scheduler.build_connector_meta()
+        return self._scheduler.build_connector_meta(scheduler_output)
 
     def request_finished(self, request: Request, block_ids: list[int]
                          ) -> tuple[bool, dict[str, Any] | None]:

@@ -60,9 +60,27 @@ class PlannedLoad:
     """Prompt tokens the blocks hold (what the decode recomputes if the pull fails)."""
 
 
+@dataclass(frozen=True)
+class StageBlocks:
+    """Prefill side, overlap mode: this step completes blocks `first_index`, ... of a
+    prompt of `num_blocks` blocks; they are in `block_ids` (`staging.Stager.stage`)."""
+
+    transfer_id: str
+    num_blocks: int
+    first_index: int
+    block_ids: tuple[int, ...]
+
+
 @dataclass
 class ShuffleConnectorMetadata(KVConnectorMetadata):
     """One engine step's news from the scheduler half to the worker half."""
 
     new_leases: list[Lease] = field(default_factory=list)
     new_loads: list[PlannedLoad] = field(default_factory=list)
+    stage: list[StageBlocks] = field(default_factory=list)
+    """Copied out after this step's forward pass."""
+    fences: list[str] = field(default_factory=list)
+    """Transfers whose blocks were freed (preempted): their copies end before the forward."""
+    dropped: list[str] = field(default_factory=list)
+    """Transfers that ended without a lease (aborted, finished by their first token):
+    fenced, then their staging freed."""

@@ -11,6 +11,7 @@ from shuffleinfer.kv.selection import check_choice
 
 DEFAULT_LEASE_S = 30.0
 DEFAULT_PULL_TIMEOUT_S = 10.0
+DEFAULT_STAGING_MIB = 2048
 
 
 @dataclass(frozen=True)
@@ -31,6 +32,11 @@ class ConnectorOptions:
     """"auto" | "tcp" | "shm" | "nccl": how a decode engine pulls (`selection.py`)."""
     auth_token: str | None = None
     """Shared secret every KV request must carry; None: no check."""
+    overlap: bool = False
+    """Stage a prefill's blocks as its chunks complete, so the hand-over hides behind
+    the prefill (`staging.py`); False: pull the whole request when it is done."""
+    staging_mib: int = DEFAULT_STAGING_MIB
+    """Bound on the host memory staged prefills hold (overlap mode); past it, whole."""
 
     @classmethod
     def from_extra(cls, extra: Mapping[str, Any]) -> ConnectorOptions:
@@ -52,9 +58,16 @@ class ConnectorOptions:
         token = extra.get("auth_token")
         if token is not None and (not isinstance(token, str) or not token):
             raise ValueError("auth_token must be a non-empty string (or absent)")
+        overlap = extra.get("overlap", False)
+        if not isinstance(overlap, bool):
+            raise ValueError(f"overlap must be true or false, not {overlap!r}")
+        staging_mib = extra.get("staging_mib", DEFAULT_STAGING_MIB)
+        if not isinstance(staging_mib, int) or isinstance(staging_mib, bool) \
+                or staging_mib < 0:
+            raise ValueError(f"staging_mib must be a non-negative integer, not {staging_mib!r}")
         host = str(extra.get("host", "127.0.0.1"))
         return cls(port=port, host=host,
                    advertise_host=str(extra.get("advertise_host") or host),
                    lease_s=lease_s, pull_timeout_s=pull_timeout_s,
                    transport=check_choice(str(extra.get("transport", "auto"))),
-                   auth_token=token)
+                   auth_token=token, overlap=overlap, staging_mib=staging_mib)

@@ -9,12 +9,18 @@ worker half what to do through `ShuffleConnectorMetadata`, one engine step at a 
 - Decode engine: a request carrying those params asks `get_num_new_matched_tokens`, which
   claims the remote prompt tokens the local prefix cache lacks and says "load async";
   `update_state_after_alloc` maps the remote blocks onto the freshly allocated local ones.
+- Overlap mode (prefill engine): each step also says which of a leased-to-be prompt's
+  blocks the step completes (`StageBlocks`, from the step's `SchedulerOutput`), so the
+  worker half copies them out while the next chunks compute (`staging.py`); and which
+  requests' blocks were freed under those copies (preempted: `fences`; ended without a
+  lease: `dropped`).
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from vllm.v1.request import RequestStatus
@@ -26,6 +32,7 @@ from shuffleinfer.kv.transport import KVTransferError
 
 if TYPE_CHECKING:
     from vllm.v1.core.kv_cache_manager import KVCacheBlocks
+    from vllm.v1.core.sched.output import SchedulerOutput
     from vllm.v1.request import Request
 
 logger = logging.getLogger(__name__)
@@ -35,14 +42,27 @@ def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
+@dataclass
+class _Streamed:
+    """Overlap mode: a prefill whose blocks are staged as they complete."""
+
+    transfer_id: str
+    request: Request
+    num_blocks: int
+    block_ids: list[int] = field(default_factory=list)
+    num_staged: int = 0
+    num_preemptions: int = 0
+
+
 class ConnectorScheduler:
     """The scheduler half; `ShuffleKVConnector` forwards the scheduler-side calls here."""
 
     def __init__(self, advertise_host: str, port: int, block_size: int,
                  kv_device: str = "cpu", auth_token: str | None = None,
-                 host_id: str | None = None) -> None:
+                 host_id: str | None = None, overlap: bool = False) -> None:
         """`kv_device`: device type of this engine's KV cache; `host_id`: this host's
-        identity (defaults to `host_identity()`); both are advertised to decode engines."""
+        identity (defaults to `host_identity()`); both are advertised to decode engines.
+        `overlap`: stage prefills' blocks as they complete (`staging.py`)."""
         self._host = advertise_host
         self._port = port
         self._block_size = block_size
@@ -51,11 +71,21 @@ class ConnectorScheduler:
         self._host_id = host_id if host_id is not None else host_identity()
         self._new_leases: list[m.Lease] = []
         self._new_loads: list[m.PlannedLoad] = []
+        self._overlap = overlap and kv_device == "cpu"  # nccl moves device memory itself
+        self._streamed: dict[str, _Streamed] = {}
+        self._dropped: list[str] = []
 
     def get_num_new_matched_tokens(self, request: Request, num_computed_tokens: int
                                    ) -> tuple[int, bool]:
         """Called when the engine schedules a waiting request: how many tokens to pull."""
         params = request.kv_transfer_params
+        if self._overlap and params and params.get(m.DO_REMOTE_DECODE):
+            if request.request_id not in self._streamed:
+                self._streamed[request.request_id] = _Streamed(
+                    str(params[m.TRANSFER_ID]), request,
+                    _cdiv(request.num_prompt_tokens, self._block_size),
+                    num_preemptions=request.num_preemptions)
+            return 0, False
         if not params or not params.get(m.DO_REMOTE_PREFILL) or params.get(m.LOAD_STARTED):
             return 0, False
         # At least one prompt token (the prefill's sampled token) is computed locally.
@@ -90,12 +120,46 @@ class ConnectorScheduler:
             remote_kv_device=str(params.get(m.REMOTE_KV_DEVICE) or "cpu"),
             num_tokens=num_external_tokens))
 
-    def build_connector_meta(self) -> m.ShuffleConnectorMetadata:
+    def build_connector_meta(self, scheduler_output: SchedulerOutput | None = None
+                             ) -> m.ShuffleConnectorMetadata:
         """Called once per engine step; hands this step's news to the worker half."""
         meta = m.ShuffleConnectorMetadata(new_leases=self._new_leases,
-                                          new_loads=self._new_loads)
-        self._new_leases, self._new_loads = [], []
+                                          new_loads=self._new_loads, dropped=self._dropped)
+        self._new_leases, self._new_loads, self._dropped = [], [], []
+        if self._streamed and scheduler_output is not None:
+            self._plan_staging(scheduler_output, meta)
         return meta
+
+    def _plan_staging(self, out: SchedulerOutput, meta: m.ShuffleConnectorMetadata) -> None:
+        """Overlap mode: which streamed blocks this step completes, and which were freed."""
+        for streamed in self._streamed.values():
+            if streamed.request.num_preemptions != streamed.num_preemptions:  # blocks freed
+                streamed.num_preemptions = streamed.request.num_preemptions
+                streamed.block_ids = []
+                meta.fences.append(streamed.transfer_id)
+        done: dict[str, int] = {}
+        for new in out.scheduled_new_reqs:
+            if (found := self._streamed.get(new.req_id)) is not None:
+                found.block_ids = list(new.block_ids[0])
+                done[new.req_id] = new.num_computed_tokens
+        cached = out.scheduled_cached_reqs
+        for i, req_id in enumerate(cached.req_ids):
+            if (found := self._streamed.get(req_id)) is None:
+                continue
+            new_ids = cached.new_block_ids[i]
+            if req_id in cached.resumed_req_ids:
+                found.block_ids = list(new_ids[0]) if new_ids else []
+            elif new_ids:
+                found.block_ids.extend(new_ids[0])
+            done[req_id] = cached.num_computed_tokens[i]
+        for req_id, computed in done.items():
+            s = self._streamed[req_id]
+            computed += out.num_scheduled_tokens.get(req_id, 0)
+            full = min(computed // self._block_size, len(s.block_ids), s.num_blocks)
+            if full > s.num_staged:
+                meta.stage.append(m.StageBlocks(s.transfer_id, s.num_blocks, s.num_staged,
+                                                tuple(s.block_ids[s.num_staged:full])))
+                s.num_staged = full
 
     def request_finished(self, request: Request, block_ids: list[int]
                          ) -> tuple[bool, dict[str, Any] | None]:
@@ -103,6 +167,14 @@ class ConnectorScheduler:
         params = request.kv_transfer_params
         if not params:
             return False, None
+        streamed = self._streamed.pop(request.request_id, None)
+        leased, out = self._finish(request, params, block_ids)
+        if streamed is not None and not leased:
+            self._dropped.append(streamed.transfer_id)
+        return leased, out
+
+    def _finish(self, request: Request, params: dict[str, Any], block_ids: list[int]
+                ) -> tuple[bool, dict[str, Any] | None]:
         if params.get(m.DO_REMOTE_PREFILL) and not params.get(m.LOAD_STARTED):
             # A decode request aborted before it was scheduled: free the prefill's lease.
             self._release_async(params)

@@ -9,6 +9,11 @@ The handshake is the tcp one over the same side channel; only the wire differs:
    {"ok": true, "filled": N} each time another "progress_bytes" are in, and replies ok;
 3. the decode side copies each filled part into its own KV blocks (one copy) while the
    server fills the next, so the two copies overlap; then it gives the segment back.
+In overlap mode the prefill's blocks already sit in a staging segment of the prefill
+worker's own (`staging.py`): to a header saying "staged_ok" the server replies with that
+segment's name and the pull's byte runs in it; the decode side maps it, copies the runs
+into its blocks (its one copy) and says {"op": "done"}, after which the server ends the
+lease and reuses the segment.
 A segment is in at most one pull at a time. A pull that failed in any way gives its
 segment up (unlinked at once): a server that stalled may still write into it later. The
 decode worker unlinks the rest at shutdown (`close`); see `shm_segments` for the
@@ -23,8 +28,9 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from shuffleinfer.kv.block_views import KVCacheViews
-from shuffleinfer.kv.channel import connect, exchange, recv_ok, send_frame
+from shuffleinfer.kv.channel import connect, exchange, recv_frame, recv_ok, send_frame
 from shuffleinfer.kv.shm_segments import AttachedSegments, Segment, SegmentPool
+from shuffleinfer.kv.staging import StagedRuns, copy_views
 from shuffleinfer.kv.tcp import pull_header
 from shuffleinfer.kv.transport import KVSource, KVTransferError, Peer, PullRequest, Transport
 
@@ -91,10 +97,15 @@ class ShmTransport(Transport):
             segment = self._pool.acquire(peer, nbytes)
             header = pull_header(request, "shm") | {
                 "shm_name": segment.name, "shm_bytes": nbytes,
-                "progress_bytes": progress_step(nbytes)}
+                "progress_bytes": progress_step(nbytes), "staged_ok": True}
             filler = Filler(segment.buf, dest_views)
             with connect(peer, timeout_s) as sock:
                 reply = exchange(sock, header, self._auth_token)
+                if "staged" in reply:
+                    self._copy_staged(reply, dest_views)
+                    send_frame(sock, {"op": "done"})
+                    ok = True
+                    return nbytes
                 while "filled" in reply:  # a progress frame: copy out what is in
                     filler.fill_to(int(reply["filled"]))
                     reply = recv_ok(sock, f"pull of {request.transfer_id}")
@@ -108,9 +119,30 @@ class ShmTransport(Transport):
             if segment is not None:
                 self._pool.release(peer, segment, reusable=ok)
 
+    def _copy_staged(self, reply: dict[str, Any], dest_views: Sequence[memoryview]) -> None:
+        """Copy a pull's runs out of the prefill's staging segment named in `reply`."""
+        runs = [(int(o), int(n)) for o, n in reply.get("runs", [])]
+        segment = self._attached.acquire(reply["staged"], max(
+            (o + n for o, n in runs), default=0))
+        try:
+            if any(o < 0 or n < 0 for o, n in runs):
+                raise KVTransferError(f"bad staged runs {runs[:4]}")
+            copy_views([segment.buf[o:o + n] for o, n in runs], dest_views)
+        finally:
+            self._attached.release(segment)
+
     # --- prefill side ---------------------------------------------------------------------
     def serve_pull(self, sock: socket.socket, header: dict[str, Any],
                    request: PullRequest, source: KVSource) -> None:
+        if header.get("staged_ok") is True:
+            try:
+                staged = source.staged_for_pull(request)
+            except KVTransferError as e:
+                send_frame(sock, {"ok": False, "error": str(e)})
+                return
+            if staged is not None:
+                _serve_staged(sock, staged, request, source)
+                return
         try:
             segment = self._attached.acquire(header.get("shm_name"), header.get("shm_bytes"))
         except KVTransferError as e:
@@ -141,6 +173,21 @@ class ShmTransport(Transport):
         the others'."""
         self._pool.close()
         self._attached.close()
+
+
+def _serve_staged(sock: socket.socket, staged: StagedRuns, request: PullRequest,
+                  source: KVSource) -> None:
+    """Name the staging segment and the pull's runs in it; the lease ends when the client
+    says it copied them out (or fails: then the segment is not reused)."""
+    ok = False
+    try:
+        send_frame(sock, {"ok": True, "error": None, "staged": staged.segment.name,
+                          "runs": staged.runs})
+        ok = recv_frame(sock).get("op") == "done"
+    except (OSError, ValueError, KVTransferError) as e:
+        logger.warning("KV pull %s by shm (staged) failed: %s", request.transfer_id, e)
+    finally:
+        source.on_pull_done(request.transfer_id, ok)
 
 
 def _progress(sock: socket.socket, step: object) -> Callable[[int], None] | None:

@@ -3,7 +3,8 @@
 Per transport (`num_transfers_tcp`, `num_bytes_shm`, ... and `_none` for pulls that failed
 before a transport was chosen) with their totals, expired leases, prompt tokens a decode
 recomputed because their KV did not arrive, requests refused for a wrong or missing auth
-token (`num_unauthorized`), and per-transfer seconds per transport (`seconds_tcp`, ...).
+token (`num_unauthorized`), blocks staged during their prefill (`num_overlapped_blocks`,
+overlap mode), and per-transfer seconds per transport (`seconds_tcp`, ...).
 Flat keys, so the dict vLLM ships between processes stays plain.
 """
 
@@ -21,7 +22,7 @@ NO_TRANSPORT = "none"
 _LABELS = (*TRANSPORT_NAMES, NO_TRANSPORT)
 _PER_TRANSPORT = ("num_transfers", "num_failures", "num_bytes")
 _COUNTERS = (*_PER_TRANSPORT, "num_expired_leases", "num_unauthorized",
-             "num_recomputed_tokens",
+             "num_recomputed_tokens", "num_overlapped_blocks",
              *(f"{key}_{name}" for name in _LABELS for key in _PER_TRANSPORT))
 _SECONDS = tuple(f"seconds_{name}" for name in _LABELS)
 
@@ -59,6 +60,9 @@ class ShuffleKVStats(KVConnectorStats):
     def record_unauthorized(self) -> None:
         self.data["num_unauthorized"] += 1
 
+    def record_overlapped(self, num_blocks: int) -> None:
+        self.data["num_overlapped_blocks"] += num_blocks
+
     def _count(self, key: str, transport: str, amount: int = 1) -> None:
         self.data[key] += amount
         if f"{key}_{transport}" in self.data:
@@ -92,7 +96,8 @@ class ShuffleKVStats(KVConnectorStats):
                 transports[name] = TransportStats(**counts, seconds=seconds)
         return KVTransferStats(transports, num_expired_leases=self.data["num_expired_leases"],
                                num_recomputed_tokens=self.data["num_recomputed_tokens"],
-                               num_unauthorized=self.data["num_unauthorized"])
+                               num_unauthorized=self.data["num_unauthorized"],
+                               num_overlapped_blocks=self.data["num_overlapped_blocks"])
 
     @classmethod
     def from_dict(cls, data: dict[str, Any] | None) -> ShuffleKVStats:

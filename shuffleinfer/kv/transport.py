@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     import torch
 
     from shuffleinfer.kv.block_views import KVCacheViews
+    from shuffleinfer.kv.staging import StagedRuns
 
 TransportName = Literal["tcp", "shm", "nccl"]
 TRANSPORT_NAMES: tuple[TransportName, ...] = ("tcp", "shm", "nccl")
@@ -61,6 +62,13 @@ class KVSource(ABC):
     def views_for_pull(self, request: PullRequest) -> list[memoryview]:
         """Called on a server thread when a tcp or shm pull arrives: the blocks' bytes in
         host memory, layer by layer. Raises KVTransferError to refuse (lease untouched)."""
+
+    def staged_for_pull(self, request: PullRequest) -> StagedRuns | None:
+        """Called on a server thread when an shm pull that can read a staging segment
+        arrives: grant the lease and say where its bytes sit staged (`staging.py`), or
+        return None, lease untouched, if they are not staged (then `views_for_pull`).
+        Raises KVTransferError to refuse (lease untouched)."""
+        return None
 
     def rows_for_pull(self, request: PullRequest) -> list[torch.Tensor]:
         """Called on a server thread when an nccl pull arrives: each asked block of each

@@ -29,6 +29,7 @@ from shuffleinfer.kv.metadata import Lease, PlannedLoad, ShuffleConnectorMetadat
 from shuffleinfer.kv.selection import Endpoint, check_choice, choose_transport, host_identity
 from shuffleinfer.kv.shm import ShmTransport
 from shuffleinfer.kv.shm_segments import sweep_orphans
+from shuffleinfer.kv.staging import StagedRuns, Stager
 from shuffleinfer.kv.stats import ShuffleKVStats
 from shuffleinfer.kv.tcp import TcpTransport
 from shuffleinfer.kv.transport import KVSource, KVTransferError, Peer, PullRequest, Transport
@@ -61,8 +62,12 @@ class ConnectorWorker(KVSource):
     def __init__(self, host: str, port: int, lease_s: float, pull_timeout_s: float,
                  lease_wait_s: float = _LEASE_WAIT_S,
                  stage_through_host: bool | None = None, transport: str = "auto",
-                 auth_token: str | None = None, host_id: str | None = None) -> None:
+                 auth_token: str | None = None, host_id: str | None = None,
+                 staging_bytes: int = 0) -> None:
+        """`staging_bytes` > 0: overlap mode, staging at most that many bytes."""
         self._host = host
+        self._staging_bytes = staging_bytes
+        self._stager: Stager | None = None
         self._transport = check_choice(transport)
         self._auth_token = auth_token
         self._host_id = host_id if host_id is not None else host_identity()
@@ -83,6 +88,7 @@ class ConnectorWorker(KVSource):
         self._kv: KVCacheViews | None = None
         self._server: KVServer | None = None
         self._last_meta: ShuffleConnectorMetadata | None = None
+        self._last_staged_meta: ShuffleConnectorMetadata | None = None
 
     # --- set-up -------------------------------------------------------------------------
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor], *,
@@ -105,6 +111,8 @@ class ConnectorWorker(KVSource):
                                 io_timeout_s=self._pull_timeout_s,
                                 auth_token=self._auth_token)
         self._server.start()
+        if self._staging_bytes > 0 and self._kv.device.type == "cpu":
+            self._stager = Stager(self._kv, self._staging_bytes)
         logger.info("KV server on %s:%d, %d layers, %d bytes per block, transports %s "
                     "(pulls by %s)", *self.address, len(self._kv.layer_names),
                     self._kv.block_bytes, sorted(self._transports), self._transport)
@@ -121,19 +129,34 @@ class ConnectorWorker(KVSource):
         """This worker's host identity, as compared with a prefill's at pull time."""
         return self._host_id
 
+    @property
+    def stager(self) -> Stager | None:
+        """The overlap mode's staging (None: whole-request mode)."""
+        return self._stager
+
     def shutdown(self) -> None:
         if self._server is not None:
             self._server.close()
+        if self._stager is not None:
+            self._stager.close()
         self._pool.shutdown(wait=False, cancel_futures=True)
         for transport in self._transports.values():
             transport.close()
 
     # --- per step -----------------------------------------------------------------------
     def on_metadata(self, meta: ShuffleConnectorMetadata) -> None:
-        """Called every engine step with the scheduler half's news (once per object)."""
+        """Called every engine step, before its forward pass, with the scheduler half's
+        news (once per object)."""
         if meta is self._last_meta:
             return
         self._last_meta = meta
+        if self._stager is not None:
+            # The forward may write these blocks (freed): copies out of them end first.
+            self._stager.fence(meta.fences + meta.dropped)
+            for tid in meta.dropped:
+                self._stager.release(tid)
+            for lease in meta.new_leases:
+                self._stager.finish(lease.transfer_id, lease.block_ids)
         now = time.monotonic()
         with self._lock:
             for lease in meta.new_leases:
@@ -143,9 +166,21 @@ class ConnectorWorker(KVSource):
         for load in meta.new_loads:
             self._pool.submit(self._pull, load)
 
+    def after_forward(self, meta: ShuffleConnectorMetadata) -> None:
+        """Called after the step's forward pass: stage the blocks it completed."""
+        if self._stager is None or meta is self._last_staged_meta:
+            return
+        self._last_staged_meta = meta
+        staged = sum(self._stager.stage(b.transfer_id, b.num_blocks, b.first_index, b.block_ids)
+                     for b in meta.stage)
+        if staged:
+            with self._lock:
+                self._stats.record_overlapped(staged)
+
     def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str], set[str]]:
         """Called every step: report ended sends (pulled/released/expired) and pulls."""
         now = time.monotonic()
+        expired = []
         with self._lock:
             for req_id in finished_req_ids:
                 self._finished_seen.setdefault(req_id, now)
@@ -154,12 +189,15 @@ class ConnectorWorker(KVSource):
                     logger.warning("KV lease %s expired unpulled", tid)
                     self._stats.record_expired()
                     self._end_lease(tid)
+                    expired.append(tid)
             sending = {r for r in self._done_sending if r in self._finished_seen}
             self._done_sending -= sending
             for req_id in sending:
                 del self._finished_seen[req_id]
             self._forget_old_finished(now)
             recving, self._done_recving = self._done_recving, set()
+        for tid in expired:
+            self._unstage(tid)
         return sending, recving
 
     def _forget_old_finished(self, now: float) -> None:
@@ -190,29 +228,60 @@ class ConnectorWorker(KVSource):
 
     # --- prefill side: serving leases (server threads) ----------------------------------
     def views_for_pull(self, request: PullRequest) -> list[memoryview]:
-        return self._require_kv().read_views(self._grant(request, rows=False))
+        staged = self._staged_runs(request)
+        self._grant(request, rows=False)
+        return staged.views() if staged is not None \
+            else self._require_kv().read_views(request.block_ids)
+
+    def staged_for_pull(self, request: PullRequest) -> StagedRuns | None:
+        staged = self._staged_runs(request)
+        if staged is not None:
+            self._grant(request, rows=False)
+        return staged
 
     def rows_for_pull(self, request: PullRequest) -> list[torch.Tensor]:
-        return self._require_kv().read_rows(self._grant(request, rows=True))
+        self._grant(request, rows=True)
+        return self._require_kv().read_rows(request.block_ids)
 
-    def _grant(self, request: PullRequest, rows: bool) -> tuple[int, ...]:
-        """Check the request against its lease (waiting a little for the lease to be
-        registered) and mark the lease as being served; returns the blocks to read."""
-        self._require_kv().check_layout(request.layout, rows=rows)
+    def _staged_runs(self, request: PullRequest) -> StagedRuns | None:
+        """Overlap mode: where the asked blocks sit staged, once their copies are done
+        (None: not staged; read the engine's blocks)."""
+        if self._stager is None:
+            return None
+        lease = self._wait_for_lease(request.transfer_id).lease
+        where = {b: i for i, b in enumerate(lease.block_ids)}
+        if any(b not in where for b in request.block_ids):
+            return None  # _grant refuses it
+        return self._stager.runs_for_pull(request.transfer_id,
+                                          [where[b] for b in request.block_ids])
+
+    def _wait_for_lease(self, transfer_id: str) -> _HeldLease:
+        """The transfer's lease, waiting a little for it to be registered (a pull may
+        race the engine step that leases it)."""
         deadline = time.monotonic() + self._lease_wait_s
         with self._lock:
-            while (held := self._leases.get(request.transfer_id)) is None:
+            while (held := self._leases.get(transfer_id)) is None:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
-                    raise KVTransferError(f"no lease for transfer {request.transfer_id}")
+                    raise KVTransferError(f"no lease for transfer {transfer_id}")
                 self._lock.wait(remaining)
+        return held
+
+    def _grant(self, request: PullRequest, rows: bool) -> None:
+        """Check the request against its lease (waiting a little for the lease to be
+        registered) and mark the lease as being served."""
+        self._require_kv().check_layout(request.layout, rows=rows)
+        self._wait_for_lease(request.transfer_id)
+        with self._lock:
+            held = self._leases.get(request.transfer_id)
+            if held is None:
+                raise KVTransferError(f"the lease of {request.transfer_id} ended")
             if held.serving:
                 raise KVTransferError(f"transfer {request.transfer_id} is already pulled")
             unknown = set(request.block_ids) - set(held.lease.block_ids)
             if unknown:
                 raise KVTransferError(f"blocks {sorted(unknown)} are not in the lease")
             held.serving = True
-        return request.block_ids
 
     def _require_kv(self) -> KVCacheViews:
         if self._kv is None:
@@ -222,10 +291,16 @@ class ConnectorWorker(KVSource):
     def on_pull_done(self, transfer_id: str, ok: bool) -> None:
         with self._lock:
             self._end_lease(transfer_id)
+        self._unstage(transfer_id, reusable=ok)
 
     def on_release(self, transfer_id: str) -> None:
         with self._lock:
             self._end_lease(transfer_id)
+        self._unstage(transfer_id)
+
+    def _unstage(self, transfer_id: str, reusable: bool = True) -> None:
+        if self._stager is not None:
+            self._stager.release(transfer_id, reusable=reusable)
 
     def on_unauthorized(self, client: str) -> None:
         with self._lock:

@@ -58,6 +58,7 @@ def test_greedy_output_equals_colocated_vllm(reference: list[dict], server: str,
     assert min(lengths) <= 5 and max(lengths) >= 1250
     assert sum(n > CHUNK_SIZE for n in lengths) >= 4, "several prompts must span chunks"
     before = metric_values(server, "shuffleinfer_kv_transfers_total")
+    overlapped_before = metric_values(server, "shuffleinfer_kv_overlapped_blocks_total")
     mismatches = []
     for ids, ref in zip(prompts, reference, strict=True):
         r = httpx.post(f"{server}/v1/completions", timeout=120, json={
@@ -73,6 +74,10 @@ def test_greedy_output_equals_colocated_vllm(reference: list[dict], server: str,
     shm = '{transport="shm"}'  # both engines on one host: auto picks shared memory
     assert after.get(shm, 0) - before.get(shm, 0) >= len(prompts) - 1  # some end at token 1
     assert set(after) == {shm}, after
+    # Overlap mode (the default): the long prompts' early chunks were staged while the
+    # later ones computed (a 1250-token prompt alone completes 9 blocks before its last).
+    overlapped = metric_values(server, "shuffleinfer_kv_overlapped_blocks_total")
+    assert overlapped.get("", 0) - overlapped_before.get("", 0) >= 9, overlapped
 
 
 def test_openai_client_chat_stream_and_non_stream(server: str) -> None:

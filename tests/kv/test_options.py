@@ -18,6 +18,12 @@ def test_defaults_and_the_keys_the_engine_passes() -> None:
     assert ConnectorOptions.from_extra({"port": 0, "host": "h"}).advertise_host == "h"
 
 
+def test_overlap_is_off_unless_asked_and_staging_is_bounded() -> None:
+    assert not ConnectorOptions.from_extra({"port": 1}).overlap
+    opts = ConnectorOptions.from_extra({"port": 1, "overlap": True, "staging_mib": 64})
+    assert (opts.overlap, opts.staging_mib) == (True, 64)
+
+
 def test_transport_and_auth_token() -> None:
     opts = ConnectorOptions.from_extra({"port": 1, "transport": "shm", "auth_token": "s"})
     assert (opts.transport, opts.auth_token) == ("shm", "s")
@@ -30,6 +36,8 @@ def test_transport_and_auth_token() -> None:
     ({"port": 1, "auth_token": ""}, "non-empty string"),
     ({"port": 1, "auth_token": 42}, "non-empty string"),
     ({"port": 1, "lease_s": 0}, "positive"),
+    ({"port": 1, "overlap": "yes"}, "overlap must be true or false"),
+    ({"port": 1, "staging_mib": -1}, "staging_mib must be a non-negative integer"),
     ({"port": 1, "transprot": "tcp"}, r"unknown kv_connector_extra_config keys \['transprot'\]"),
 ])
 def test_bad_extra_config_is_refused_naming_the_key(extra: dict[str, Any],

@@ -264,3 +264,86 @@ def test_params_without_host_identity_plan_a_load_from_an_unknown_host() -> None
     sched.update_state_after_alloc(req, new_blocks([21, 22, 23]), num_tokens)
     (load,) = sched.build_connector_meta().new_loads
     assert load.remote_host_id is None and load.remote_kv_device == "cpu"
+
+
+# --- prefill engine, overlap mode -------------------------------------------------------
+
+def scheduled(new: list[tuple[str, list[int], int]] = (),  # type: ignore[assignment]
+              cached: list[tuple[str, list[int] | None, int]] = (),  # type: ignore[assignment]
+              num_tokens: dict[str, int] | None = None, resumed: set[str] = frozenset()
+              ) -> Any:
+    """A stand-in for vLLM's SchedulerOutput: (req id, new block ids, computed tokens) of
+    first-time and already-running requests, and the tokens each is scheduled."""
+    return SimpleNamespace(
+        scheduled_new_reqs=[SimpleNamespace(req_id=r, block_ids=(b,), num_computed_tokens=c)
+                            for r, b, c in new],
+        scheduled_cached_reqs=SimpleNamespace(
+            req_ids=[r for r, _, _ in cached], resumed_req_ids=set(resumed),
+            new_block_ids=[None if b is None else (b,) for _, b, _ in cached],
+            num_computed_tokens=[c for _, _, c in cached]),
+        num_scheduled_tokens=num_tokens or {})
+
+
+def test_overlap_stages_each_block_in_the_step_that_completes_it() -> None:
+    sched = ConnectorScheduler(HOST, PORT, BLOCK_SIZE, host_id=HOST_ID, overlap=True)
+    req = request({m.DO_REMOTE_DECODE: True, m.TRANSFER_ID: "T"}, num_prompt_tokens=600)
+    req.num_preemptions = 0
+    assert sched.get_num_new_matched_tokens(req, 0) == (0, False)
+    rid = req.request_id
+    # Chunk 1 (256 tokens) completes blocks 0 and 1; chunk 2 (256) blocks 2 and 3; the
+    # last 88 tokens leave block 4 partial: it is staged with the lease.
+    meta = sched.build_connector_meta(scheduled(new=[(rid, [7, 3, 8], 0)],
+                                                num_tokens={rid: 256}))
+    assert meta.stage == [m.StageBlocks("T", 5, 0, (7, 3))]
+    meta = sched.build_connector_meta(scheduled(cached=[(rid, [1, 6], 256)],
+                                                num_tokens={rid: 256}))
+    assert meta.stage == [m.StageBlocks("T", 5, 2, (8, 1))]
+    meta = sched.build_connector_meta(scheduled(cached=[(rid, [], 512)],
+                                                num_tokens={rid: 88}))
+    assert meta.stage == [] and meta.fences == [] and meta.dropped == []
+
+
+def test_overlap_fences_a_preempted_prefill_and_restages_only_what_is_new() -> None:
+    sched = ConnectorScheduler(HOST, PORT, BLOCK_SIZE, host_id=HOST_ID, overlap=True)
+    req = request({m.DO_REMOTE_DECODE: True, m.TRANSFER_ID: "T"}, num_prompt_tokens=600)
+    req.num_preemptions = 0
+    sched.get_num_new_matched_tokens(req, 0)
+    rid = req.request_id
+    sched.build_connector_meta(scheduled(new=[(rid, [7, 3], 0)], num_tokens={rid: 256}))
+    req.num_preemptions = 1  # the scheduler freed its blocks
+    meta = sched.build_connector_meta(scheduled())
+    assert meta.fences == ["T"] and meta.stage == []
+    # Resumed into other blocks and recomputed: blocks 0 and 1 are staged already.
+    meta = sched.build_connector_meta(scheduled(cached=[(rid, [2, 5, 9], 0)],
+                                                num_tokens={rid: 384}, resumed={rid}))
+    assert meta.stage == [m.StageBlocks("T", 5, 2, (9,))]
+
+
+@pytest.mark.parametrize(("status", "dropped"), [
+    (RequestStatus.FINISHED_ABORTED, ["T"]),
+    (RequestStatus.FINISHED_LENGTH_CAPPED, []),  # leased: the lease stages the rest
+])
+def test_overlap_drops_the_staging_of_a_prefill_that_ends_without_a_lease(
+        status: RequestStatus, dropped: list[str]) -> None:
+    sched = ConnectorScheduler(HOST, PORT, BLOCK_SIZE, host_id=HOST_ID, overlap=True)
+    req = request({m.DO_REMOTE_DECODE: True, m.TRANSFER_ID: "T"}, num_prompt_tokens=300)
+    req.num_preemptions = 0
+    sched.get_num_new_matched_tokens(req, 0)
+    sched.build_connector_meta(scheduled(new=[(req.request_id, [7, 3, 1], 0)],
+                                         num_tokens={req.request_id: 256}))
+    req.status, req.num_computed_tokens = status, 300
+    leased, _ = sched.request_finished(req, [7, 3, 1])
+    assert leased == (status == RequestStatus.FINISHED_LENGTH_CAPPED)
+    meta = sched.build_connector_meta(scheduled())
+    assert meta.dropped == dropped
+    assert [lease.transfer_id for lease in meta.new_leases] == (["T"] if leased else [])
+
+
+def test_whole_mode_plans_no_staging() -> None:
+    sched = ConnectorScheduler(HOST, PORT, BLOCK_SIZE, host_id=HOST_ID)
+    req = request({m.DO_REMOTE_DECODE: True, m.TRANSFER_ID: "T"}, num_prompt_tokens=600)
+    req.num_preemptions = 0
+    sched.get_num_new_matched_tokens(req, 0)
+    meta = sched.build_connector_meta(scheduled(new=[(req.request_id, [7, 3], 0)],
+                                                num_tokens={req.request_id: 256}))
+    assert meta.stage == []
