@@ -181,7 +181,11 @@ class KVCacheViews:
     that are not views of blocks or whose layers differ."""
 
     def __init__(self, kv_caches: dict[str, torch.Tensor], *, num_blocks: int | None = None,
-                 block_dim: int | None = None, stage_through_host: bool | None = None) -> None:
+                 block_dim: int | None = None, stage_through_host: bool | None = None,
+                 identity: dict[str, object] | None = None) -> None:
+        """`identity`: more fields peers must agree on (the connector sends the model and
+        the tensor-parallel size), checked with the layout."""
+        self._identity = dict(identity or {})
         if not kv_caches:
             raise ValueError("no KV cache tensors to serve")
         self.layer_names = sorted(kv_caches)
@@ -212,8 +216,8 @@ class KVCacheViews:
     @property
     def layout(self) -> dict[str, object]:
         """What a peer's blocks must match, sent with every pull."""
-        return {"num_layers": len(self._layers), **asdict(self.block_format),
-                "dtype": self.dtype}
+        return {**self._identity, "num_layers": len(self._layers),
+                **asdict(self.block_format), "dtype": self.dtype}
 
     def check_layout(self, layout: dict[str, object], *, rows: bool = False) -> None:
         """Called by the serving side for each pull: raise naming the first field where

@@ -45,6 +45,15 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 
+def handshake_identity(vllm_config: VllmConfig) -> dict[str, object]:
+    """What two engines must share beyond the KV layout for a hand-over to make sense: the
+    model (by name: its path may differ between hosts) and the tensor-parallel size (each
+    rank pulls from the same rank)."""
+    model = str(vllm_config.model_config.model).rstrip("/")
+    return {"model": model.rsplit("/", 1)[-1],
+            "tp_size": int(vllm_config.parallel_config.tensor_parallel_size)}
+
+
 class ShuffleKVConnector(KVConnectorBase_V1):
     """Pull-based KV hand-over between a prefill and a decode engine."""
 
@@ -64,7 +73,8 @@ class ShuffleKVConnector(KVConnectorBase_V1):
             self._worker = ConnectorWorker(
                 opts.host, opts.port, opts.lease_s, opts.pull_timeout_s,
                 transport=opts.transport, auth_token=opts.auth_token,
-                staging_bytes=opts.staging_mib << 20 if opts.overlap else 0)
+                staging_bytes=opts.staging_mib << 20 if opts.overlap else 0,
+                identity=handshake_identity(vllm_config))
 
     # --- worker side --------------------------------------------------------------------
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:

@@ -63,8 +63,10 @@ class ConnectorWorker(KVSource):
                  lease_wait_s: float = _LEASE_WAIT_S,
                  stage_through_host: bool | None = None, transport: str = "auto",
                  auth_token: str | None = None, host_id: str | None = None,
-                 staging_bytes: int = 0) -> None:
-        """`staging_bytes` > 0: overlap mode, staging at most that many bytes."""
+                 staging_bytes: int = 0, identity: dict[str, object] | None = None) -> None:
+        """`staging_bytes` > 0: overlap mode, staging at most that many bytes. `identity`:
+        what a peer must match besides the cache's layout (model, tensor-parallel size)."""
+        self._identity = identity
         self._host = host
         self._staging_bytes = staging_bytes
         self._stager: Stager | None = None
@@ -98,7 +100,8 @@ class ConnectorWorker(KVSource):
         `num_blocks` and `block_dim` locate each tensor's block dimension
         (`block_views.find_block_dim`). Raises ValueError for caches it cannot serve."""
         self._kv = KVCacheViews(kv_caches, num_blocks=num_blocks, block_dim=block_dim,
-                                stage_through_host=self._stage_through_host)
+                                stage_through_host=self._stage_through_host,
+                                identity=self._identity)
         sweep_orphans()  # segments of decode workers on this host that died unclosed
         self._transports = {"tcp": TcpTransport(self._auth_token),
                             "shm": ShmTransport(self._auth_token)}

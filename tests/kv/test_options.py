@@ -44,3 +44,14 @@ def test_bad_extra_config_is_refused_naming_the_key(extra: dict[str, Any],
                                                     message: str) -> None:
     with pytest.raises(ValueError, match=message):
         ConnectorOptions.from_extra(extra)
+
+
+def test_the_handshake_names_the_model_by_its_last_path_part_and_the_tp_size() -> None:
+    from types import SimpleNamespace
+
+    from shuffleinfer.kv.connector import handshake_identity
+
+    config = SimpleNamespace(model_config=SimpleNamespace(model="/cache/models/SmolLM2-135M/"),
+                             parallel_config=SimpleNamespace(tensor_parallel_size=2))
+    assert handshake_identity(config) == {"model": "SmolLM2-135M",  # type: ignore[arg-type]
+                                          "tp_size": 2}

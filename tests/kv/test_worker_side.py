@@ -206,6 +206,33 @@ def test_layout_mismatch_is_refused_naming_the_field(
     assert as_bytes(dst[name][2]) == as_bytes(src[name][1])
 
 
+@pytest.mark.parametrize(("peer", "field"), [
+    ({"model": "Qwen2.5-0.5B-Instruct", "tp_size": 1}, "model"),
+    ({"model": "SmolLM2-135M-Instruct", "tp_size": 2}, "tp_size"),
+])
+def test_handshake_refuses_another_model_or_tensor_parallel_size_naming_it(
+        make_worker: WorkerFactory, peer: dict[str, object], field: str) -> None:
+    identity = {"model": "SmolLM2-135M-Instruct", "tp_size": 1}
+    src, dst = kv_caches(0), kv_caches(1)
+    prefill = make_worker(src, identity=identity)
+    wrong = make_worker(kv_caches(2), identity=peer)
+    lease, load = lease_and_load(prefill, "t-id", remote=(1,), local=(2,))
+    prefill.on_metadata(meta(leases=[lease]))
+
+    steps = pull(wrong, load)  # refused: the decode recomputes, the lease stays
+    assert wrong.get_block_ids_with_load_errors() == {2}
+    assert steps.recving == [load.engine_req_id]
+    with pytest.raises(KVTransferError, match=f"layout mismatch: {field} is"):
+        _pull_directly(prefill, "t-id", (1,), KVCacheViews(kv_caches(3), num_blocks=NUM_BLOCKS,
+                                                           identity=peer).layout)
+
+    right = make_worker(dst, identity=identity)
+    pull(right, load)
+    assert right.get_block_ids_with_load_errors() == set()
+    name = next(iter(src))
+    assert as_bytes(dst[name][2]) == as_bytes(src[name][1])
+
+
 def test_second_pull_of_a_lease_is_refused(make_worker: WorkerFactory) -> None:
     # 32 MiB of blocks: more than loopback socket buffers hold, so a first pull that is
     # not read stays in flight.
