@@ -13,9 +13,18 @@ primitive it is built on, the machine's limit for it:
 - tcp against a raw loopback socket stream from another process (`sendall` of one
   buffer, `recv_into` one buffer): the goal is at least 0.7 of it.
 
-Prints a table, writes DIR/summary.json (per transport and size: `gbps`, `limit_gbps`,
-`ratio`, milliseconds, bytes) and DIR/kv.png. Figures are medians of `--rounds` timed
-rounds after one untimed warm-up round (where shm allocates the segment it reuses).
+Each transport runs in both modes: whole (the prefill's blocks are read out of its cache
+when the decode pulls) and overlap (they were staged while the prefill ran; the pull reads
+the staged copy: shm maps the staging segment, one copy on the decode side).
+
+Then, unless `--skip-overhead`, what the hand-over costs a 2k-token prompt through real
+vLLM engines, disaggregated in both modes against one colocated engine
+(`kv_overhead.py`).
+
+Prints tables, writes DIR/summary.json (per transport, mode and size: `gbps`,
+`limit_gbps`, `ratio`, milliseconds, bytes; and `overhead`) and DIR/kv.png. Throughput
+figures are medians of `--rounds` timed rounds after one untimed warm-up round (where shm
+allocates the segments it reuses).
 """
 
 from __future__ import annotations
@@ -29,6 +38,8 @@ from typing import TYPE_CHECKING, Any
 
 from tqdm import tqdm
 
+from shuffleinfer.model.registry import DEFAULT_MODEL
+
 if TYPE_CHECKING:  # torch is imported only when the benchmark runs
     from shuffleinfer.kv.bench import CacheShape
 
@@ -37,46 +48,53 @@ DEFAULT_TOKENS = (128, 1024, 4096)
 LIMITS = {"shm": ("memcpy", 0.5), "tcp": ("raw socket", 0.7)}
 
 
-def measure(tokens: int, rounds: int, shape: CacheShape) -> dict[str, dict[str, Any]]:
-    """Per transport: throughput of handing `tokens` tokens' blocks over, and its limit's."""
-    from shuffleinfer.kv.bench import memcpy_seconds, run_blocks, socket_seconds
+Results = dict[str, dict[str, dict[str, dict[str, Any]]]]
+"""transport -> mode -> prompt size (str) -> row."""
+
+
+def measure(tokens: int, rounds: int, shape: CacheShape) -> dict[str, dict[str, dict[str, Any]]]:
+    """Per transport and mode: throughput of handing `tokens` tokens' blocks over, and
+    its limit's."""
+    from shuffleinfer.kv.bench import MODES, memcpy_seconds, run_blocks, socket_seconds
 
     num_blocks = math.ceil(tokens / shape.block_size)
     nbytes = num_blocks * shape.block_bytes
     seconds = run_blocks(num_blocks, rounds, shape)
     limit_seconds = {"shm": memcpy_seconds(nbytes, rounds),
                      "tcp": socket_seconds(nbytes, rounds)}
-    rows = {}
+    rows: dict[str, dict[str, dict[str, Any]]] = {name: {} for name in LIMITS}
     for name, (limit, goal) in LIMITS.items():
-        took = statistics.median(seconds[name][1:])
         limit_took = statistics.median(limit_seconds[name][1:])
-        rows[name] = {
-            "tokens": tokens, "blocks": num_blocks, "bytes": nbytes,
-            "ms": took * 1e3, "gbps": nbytes / took / 1e9,
-            "limit": limit, "limit_ms": limit_took * 1e3,
-            "limit_gbps": nbytes / limit_took / 1e9, "ratio": limit_took / took,
-            "goal_ratio": goal, "first_ms": seconds[name][0] * 1e3,
-        }
+        for mode in MODES:
+            took = statistics.median(seconds[mode][name][1:])
+            rows[name][mode] = {
+                "tokens": tokens, "blocks": num_blocks, "bytes": nbytes,
+                "ms": took * 1e3, "gbps": nbytes / took / 1e9,
+                "limit": limit, "limit_ms": limit_took * 1e3,
+                "limit_gbps": nbytes / limit_took / 1e9, "ratio": limit_took / took,
+                "goal_ratio": goal, "first_ms": seconds[mode][name][0] * 1e3,
+            }
     return rows
 
 
-def table(results: dict[str, dict[str, dict[str, Any]]]) -> str:
-    """The stdout table: one line per transport and size."""
-    lines = [f"{'transport':<9} {'tokens':>6} {'MiB':>7} {'ms':>8} {'GB/s':>6}   "
+def table(results: Results) -> str:
+    """The stdout table: one line per transport, mode and size."""
+    lines = [f"{'transport':<9} {'mode':<7} {'tokens':>6} {'MiB':>7} {'ms':>8} {'GB/s':>6}   "
              f"{'limit':<10} {'GB/s':>6} {'ratio':>6} {'goal':>5}"]
-    for name, sizes in results.items():
-        for row in sizes.values():
-            ok = "ok" if row["ratio"] >= row["goal_ratio"] else "MISS"
-            lines.append(
-                f"{name:<9} {row['tokens']:>6} {row['bytes'] / 2**20:>7.1f} "
-                f"{row['ms']:>8.2f} {row['gbps']:>6.2f}   {row['limit']:<10} "
-                f"{row['limit_gbps']:>6.2f} {row['ratio']:>6.2f} "
-                f"{'>=' + format(row['goal_ratio'], '.1f'):>5} {ok}")
+    for name, modes in results.items():
+        for mode, sizes in modes.items():
+            for row in sizes.values():
+                ok = "ok" if row["ratio"] >= row["goal_ratio"] else "MISS"
+                lines.append(
+                    f"{name:<9} {mode:<7} {row['tokens']:>6} {row['bytes'] / 2**20:>7.1f} "
+                    f"{row['ms']:>8.2f} {row['gbps']:>6.2f}   {row['limit']:<10} "
+                    f"{row['limit_gbps']:>6.2f} {row['ratio']:>6.2f} "
+                    f"{'>=' + format(row['goal_ratio'], '.1f'):>5} {ok}")
     return "\n".join(lines)
 
 
-def plot(results: dict[str, dict[str, dict[str, Any]]], path: Path) -> None:
-    """Grouped bars per size: each transport beside its limit."""
+def plot(results: Results, path: Path) -> None:
+    """Grouped bars per size: each transport's modes beside its limit."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -84,12 +102,15 @@ def plot(results: dict[str, dict[str, dict[str, Any]]], path: Path) -> None:
     import numpy as np
 
     fig, axes = plt.subplots(1, len(results), figsize=(5 * len(results), 4), squeeze=False)
-    for ax, (name, sizes) in zip(axes[0], results.items(), strict=True):
-        x = np.arange(len(sizes))
-        rows = list(sizes.values())
-        ax.bar(x - 0.2, [r["gbps"] for r in rows], 0.4, label=name)
-        ax.bar(x + 0.2, [r["limit_gbps"] for r in rows], 0.4, label=rows[0]["limit"],
-               color="grey")
+    for ax, (name, modes) in zip(axes[0], results.items(), strict=True):
+        rows = list(next(iter(modes.values())).values())
+        x = np.arange(len(rows))
+        width = 0.8 / (len(modes) + 1)
+        for k, (mode, sizes) in enumerate(modes.items()):
+            ax.bar(x + (k - len(modes) / 2) * width, [r["gbps"] for r in sizes.values()],
+                   width, label=f"{name} ({mode})")
+        ax.bar(x + len(modes) / 2 * width, [r["limit_gbps"] for r in rows], width,
+               label=rows[0]["limit"], color="grey")
         ax.set_xticks(x, [f"{r['tokens']} tok" for r in rows])
         ax.set_ylabel("GB/s")
         ax.set_title(f"{name} vs {rows[0]['limit']}")
@@ -106,19 +127,28 @@ def run_kv(args: argparse.Namespace) -> int:
 
     shape = CacheShape(block_size=args.block_size)
     args.out.mkdir(parents=True, exist_ok=True)
-    results: dict[str, dict[str, dict[str, Any]]] = {name: {} for name in LIMITS}
+    results: Results = {name: {} for name in LIMITS}
     for tokens in tqdm(args.tokens, desc="prompt sizes", unit="size"):
-        for name, row in measure(tokens, args.rounds, shape).items():
-            results[name][str(tokens)] = row
+        for name, modes in measure(tokens, args.rounds, shape).items():
+            for mode, row in modes.items():
+                results[name].setdefault(mode, {})[str(tokens)] = row
     print(f"KV hand-over: blocks of {shape.num_layers} layers x [{shape.kv_heads}, "
           f"{shape.block_size}, {2 * shape.head_size}] "
           f"{str(shape.dtype).removeprefix('torch.')} ({shape.block_bytes / 2**20:.2f} MiB "
           f"each), medians of {args.rounds} rounds")
     print(table(results))
-    summary = {"block_size": shape.block_size, "block_bytes": shape.block_bytes,
-               "rounds": args.rounds, "transports": results}
-    (args.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    summary: dict[str, Any] = {"block_size": shape.block_size,
+                               "block_bytes": shape.block_bytes, "rounds": args.rounds,
+                               "transports": results}
     plot(results, args.out / "kv.png")
+    if not args.skip_overhead:
+        from benchmarks.kv_overhead import measure_overhead, overhead_table
+        from shuffleinfer.model import resolve_model
+
+        summary["overhead"] = measure_overhead(resolve_model(args.model), args.overhead_tokens,
+                                               args.overhead_rounds, args.chunk_size)
+        print(overhead_table(summary["overhead"]))
+    (args.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(f"wrote {args.out / 'summary.json'} and {args.out / 'kv.png'}")
     return 0
 
@@ -132,7 +162,26 @@ def add_kv_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentPa
                    help="prompt sizes in tokens (default 128,1024,4096)")
     p.add_argument("--rounds", type=int, default=5, help="timed rounds per measurement")
     p.add_argument("--block-size", type=int, default=128, help="tokens per KV block")
+    p.add_argument("--skip-overhead", action="store_true",
+                   help="only the throughput part (no engines)")
+    p.add_argument("--model", default=DEFAULT_MODEL, help="model of the overhead part")
+    p.add_argument("--overhead-tokens", type=_positive, default=2048,
+                   help="prompt tokens of the overhead part")
+    p.add_argument("--overhead-rounds", type=_positive, default=3,
+                   help="timed rounds per configuration of the overhead part")
+    p.add_argument("--chunk-size", type=_positive, default=512,
+                   help="prefill chunk of the overhead part's engines")
     return p
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1: {text!r}")
+    return value
 
 
 def _sizes(text: str) -> tuple[int, ...]:

@@ -1,0 +1,169 @@
+"""What the KV hand-over costs a long prompt, end to end through real vLLM engines: the
+second half of `python -m benchmarks kv`.
+
+For a `--overhead-tokens` prompt (default 2,048) it times TTFT and TTFT plus the first
+decode step
+- on one colocated engine (both legs on it, no hand-over): the baseline;
+- disaggregated: a prefill engine computes the prompt and its first token, then a decode
+  engine pulls the KV and makes the second token; once with whole-request pulls and once
+  with overlap (the prefill stages each chunk's KV as it completes).
+The hand-over's cost is (TTFT + first decode step) disaggregated minus the same
+colocated, as a share of the prefill time (the colocated TTFT); the goal with overlap is
+at most 5 %. Engines are `EngineInstance`s in this process (no Ray, no HTTP), each bound
+to one core as `shuffleinfer serve` binds them; every round sends a prompt of its own
+(random token ids), so no prefix cache helps. Figures are medians of `--overhead-rounds`
+rounds after one untimed warm-up round per configuration.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import statistics
+import time
+from typing import TYPE_CHECKING, Any
+
+from tqdm import tqdm
+
+if TYPE_CHECKING:
+    from shuffleinfer.engine.instance import Role
+
+GOAL_SHARE = 0.05
+CONFIGS = ("colocated", "disaggregated/whole", "disaggregated/overlap")
+
+
+def _prompt(tokens: int, seed: int) -> tuple[int, ...]:
+    rng = random.Random(seed)
+    return tuple(rng.randrange(1000, 30000) for _ in range(tokens))
+
+
+def _request(req_id: str, prompt: tuple[int, ...]) -> Any:
+    from shuffleinfer.protocol import GenerateRequest, SamplingOptions
+
+    return GenerateRequest(req_id, prompt, SamplingOptions(max_tokens=2, temperature=0.0,
+                                                           ignore_eos=True))
+
+
+async def _colocated_round(engine: Any, req: Any) -> tuple[float, float]:
+    started = time.perf_counter()
+    times = []
+    async for _ in engine.generate(req):
+        times.append(time.perf_counter() - started)
+    return times[0], times[-1]
+
+
+async def _disaggregated_round(prefill: Any, decode: Any, req: Any) -> tuple[float, float]:
+    started = time.perf_counter()
+    result = await prefill.prefill(req)
+    ttft = time.perf_counter() - started
+    if result.kv_transfer_params is None:
+        raise RuntimeError("the prefill leased no KV: nothing was handed over")
+    second = ttft
+    async for _ in decode.decode(req, result):
+        second = time.perf_counter() - started
+    return ttft, second
+
+
+async def start_engine(model_path: str, role: Role, core: int, *, max_model_len: int,
+                       chunk_size: int, overlap: bool, transport: str = "auto",
+                       lease_s: float = 30.0, kv_cache_gib: int = 2,
+                       engine_args: dict[str, Any] | None = None) -> Any:
+    """A started `EngineInstance` of `role` in this process, bound to CPU core `core` as
+    `shuffleinfer serve` binds instance number `core` (the environment is read when vLLM
+    spawns the engine's processes, so it is set just before and put back after)."""
+    from shuffleinfer.config import ServeConfig
+    from shuffleinfer.engine.instance import EngineInstance, InstanceSpec
+    from shuffleinfer.runtime.cluster import engine_dtype
+    from shuffleinfer.runtime.placement import cpu_env
+
+    config = ServeConfig.model_validate({"kv_cache_gib": kv_cache_gib})
+    spec = InstanceSpec(instance_id=f"{role}-{core}", role=role, model=model_path,
+                        chunk_size=chunk_size, dtype=engine_dtype(config, False),
+                        max_model_len=max_model_len, kv_overlap=overlap,
+                        kv_transport=transport, kv_lease_s=lease_s,
+                        engine_args=dict(engine_args or {}))
+    saved = dict(os.environ)
+    os.environ.update(cpu_env(core, config))
+    try:
+        engine = EngineInstance(spec)
+        await engine.start()
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+    return engine
+
+
+async def _measure(model_path: str, tokens: int, rounds: int, chunk_size: int
+                   ) -> dict[str, list[tuple[float, float]]]:
+    times: dict[str, list[tuple[float, float]]] = {name: [] for name in CONFIGS}
+    bar = tqdm(total=len(CONFIGS) * (rounds + 1), desc="hand-over cost", unit="round")
+    seed = 0
+
+    async def rounds_of(name: str, run: Any) -> None:
+        nonlocal seed
+        for r in range(rounds + 1):
+            seed += 1
+            took = await run(_request(f"{name}-{r}", _prompt(tokens, seed)))
+            if r:  # round 0 warms the engines up
+                times[name].append(took)
+            bar.update()
+
+    def start(role: Role, core: int, overlap: bool = False) -> Any:
+        return start_engine(model_path, role, core, max_model_len=tokens + 64,
+                            chunk_size=chunk_size, overlap=overlap)
+
+    decode = await start("decode", 1)
+    try:
+        for name in CONFIGS[1:]:
+            prefill = await start("prefill", 0, overlap=name.endswith("overlap"))
+            try:
+                await rounds_of(name, lambda req, p=prefill: _disaggregated_round(p, decode,
+                                                                                  req))
+            finally:
+                prefill.shutdown()
+        colocated = await start("prefill", 0)
+        try:
+            await rounds_of("colocated", lambda req: _colocated_round(colocated, req))
+        finally:
+            colocated.shutdown()
+    finally:
+        decode.shutdown()
+        bar.close()
+    return times
+
+
+def measure_overhead(model_path: str, tokens: int, rounds: int, chunk_size: int
+                     ) -> dict[str, Any]:
+    """Medians per configuration and each disaggregated mode's cost over colocated."""
+    times = asyncio.run(_measure(model_path, tokens, rounds, chunk_size))
+    rows: dict[str, Any] = {}
+    for name, samples in times.items():
+        rows[name] = {"ttft_ms": statistics.median(t for t, _ in samples) * 1e3,
+                      "ttft_plus_step_ms": statistics.median(s for _, s in samples) * 1e3}
+    prefill_ms = rows["colocated"]["ttft_ms"]
+    base = rows["colocated"]["ttft_plus_step_ms"]
+    for name in CONFIGS[1:]:
+        cost = rows[name]["ttft_plus_step_ms"] - base
+        rows[name] |= {"cost_ms": cost, "cost_share_of_prefill": cost / prefill_ms}
+    return {"tokens": tokens, "rounds": rounds, "chunk_size": chunk_size,
+            "prefill_ms": prefill_ms, "goal_share": GOAL_SHARE, "configs": rows}
+
+
+def overhead_table(summary: dict[str, Any]) -> str:
+    """The stdout table of `measure_overhead`."""
+    lines = [f"hand-over cost on a {summary['tokens']}-token prompt (chunks of "
+             f"{summary['chunk_size']}, medians of {summary['rounds']} rounds; goal with "
+             f"overlap: <= {summary['goal_share']:.0%} of the prefill time)",
+             f"{'configuration':<22} {'TTFT ms':>9} {'+1 step ms':>11} {'cost ms':>8} "
+             f"{'of prefill':>10}"]
+    for name, row in summary["configs"].items():
+        cost = row.get("cost_ms")
+        share = row.get("cost_share_of_prefill")
+        verdict = ""
+        if name.endswith("overlap") and share is not None:
+            verdict = "  ok" if share <= summary["goal_share"] else "  MISS"
+        lines.append(f"{name:<22} {row['ttft_ms']:>9.1f} {row['ttft_plus_step_ms']:>11.1f} "
+                     f"{'' if cost is None else format(cost, '.1f'):>8} "
+                     f"{'' if share is None else format(share, '.1%'):>10}{verdict}")
+    return "\n".join(lines)
