@@ -38,9 +38,11 @@ PROMPTS = [f"Write a long, detailed report about {topic}. " * 90 for topic in (
 
 @pytest.fixture(scope="module")
 def url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    # Eager engines (no torch.compile) start about a minute sooner each on 2 cores; the
+    # compiled path is what tests/integration serves.
     args = ["--num-prefill", "2", "--num-decode", "2", "--chunk-size", "128",
             "--max-model-len", "1024", "--kv-cache-gib", "1", "--flip-policy", "never",
-            "--max-restarts", "1"]
+            "--max-restarts", "1", "--engine-arg", "enforce_eager=true"]
     with running_serve(args, tmp_path_factory.mktemp("failover") / "serve.log") as base:
         yield base
 

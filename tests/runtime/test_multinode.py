@@ -81,10 +81,13 @@ def cluster() -> Iterator[str]:
 
 @pytest.fixture(scope="module")
 def server(cluster: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    # Eager engines (no torch.compile) start about a minute sooner each on 2 cores; the
+    # compiled path is what tests/integration serves.
     args = ["--address", cluster, "--chunk-size", "256", "--max-model-len", "1024",
             "--kv-cache-gib", "1", "--kv-transport", "tcp", "--max-restarts", "1",
             "--prefill-resources", '{"prefill_pool": 1}',
-            "--decode-node-labels", '{"shuffleinfer.io/pool": "decode"}']
+            "--decode-node-labels", '{"shuffleinfer.io/pool": "decode"}',
+            "--engine-arg", "enforce_eager=true"]
     log_path = tmp_path_factory.mktemp("multinode") / "serve.log"
     with running_serve(args, log_path, env=ENV) as url:
         yield url

@@ -24,8 +24,9 @@ from tests.serve_process import STARTUP_TIMEOUT_S, free_port, stop_group
 
 pytestmark = pytest.mark.engine
 
+# Eager engines (no torch.compile) start about a minute sooner on 2 cores.
 ARGS = {"chunk_size": 256, "max_model_len": 1024, "kv_cache_gib": 1,
-        "num_prefill": 1, "num_decode": 1}
+        "num_prefill": 1, "num_decode": 1, "engine_args": {"enforce_eager": True}}
 
 DRIVER = """
 import json, signal, sys, threading
