@@ -7,8 +7,9 @@ float32, vLLM's CPU block size 128); this process pulls its leased blocks into i
 cache through each transport in turn and checks the bytes of every round, in both modes:
 whole (the blocks are read out of the prefill's cache at pull time) and overlap (they were
 staged while the prefill ran, `staging.py`; only the pull is timed). Round 0 is not
-timed: it is where shm allocates the segments it then reuses. The limits: one in-process
-memcpy of the same bytes, and a raw loopback socket stream from another process.
+timed: it is where shm allocates the segments it then reuses. The limits: one thread's
+in-process memcpy of the same bytes, and a raw loopback socket stream from another
+process.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from typing import cast
 
+import numpy as np
 import torch
 
 from shuffleinfer.kv.block_views import VLLM_BLOCK_DIM, KVCacheViews
@@ -143,15 +145,21 @@ def run_blocks(num_blocks: int, rounds: int, shape: CacheShape,
             proc.kill()
 
 
-def memcpy_seconds(nbytes: int, rounds: int) -> list[float]:
-    """Seconds per copy of `nbytes` from one buffer to another in this process (torch's
-    copy, the primitive the shm transport copies with): the limit shm is held against."""
-    src = torch.ones(nbytes, dtype=torch.uint8)
-    dst = torch.empty_like(src)
+def memcpy_seconds(nbytes: int, rounds: int, all_cores: bool = False) -> list[float]:
+    """Seconds per copy of `nbytes` from one buffer to another in this process: one
+    thread's memcpy (numpy's copy, as each side of the shm transport copies), the limit
+    shm is held against; or with `all_cores`, torch's copy split across every core (for
+    reference: an engine's worker has one core)."""
+    src = np.ones(nbytes, dtype=np.uint8)
+    dst = np.zeros_like(src)
+    src_t, dst_t = torch.from_numpy(src), torch.from_numpy(dst)
     times = []
     for _ in range(rounds + 1):
         started = time.perf_counter()
-        dst.copy_(src)
+        if all_cores:
+            dst_t.copy_(src_t)
+        else:
+            np.copyto(dst, src)
         times.append(time.perf_counter() - started)
     return times
 

@@ -25,7 +25,7 @@ import secrets
 import threading
 from collections.abc import Hashable
 
-from shuffleinfer.kv.transport import KVTransferError
+from shuffleinfer.kv.errors import KVTransferError
 
 logger = logging.getLogger(__name__)
 
