@@ -12,9 +12,10 @@ colocated, as a share of the prefill time (the colocated TTFT); the goal with ov
 at most 5 %. Because a prefill's run-to-run noise is of that order, the time from the first
 token to the second is reported beside it ("extra": the hand-over plus the decode engine
 taking the request). Engines are `EngineInstance`s in this process (no Ray, no HTTP),
-each bound to one core as `shuffleinfer serve` binds them: the decode engine on core 1
-doubles as the colocated one, the two prefill engines (whole, overlap) share core 0, and
-rounds go round-robin over the three configurations. Every round sends a prompt of its
+each bound to one core as `shuffleinfer serve` binds them: the two prefill engines
+(whole, overlap) share core 0, the whole-mode one doubling as the colocated engine (so
+every prompt runs on the same core beside the same idle engine), the decode engine has
+core 1, and rounds go round-robin over the three configurations. Every round sends a prompt of its
 own (random token ids), so no prefix cache helps. Figures are medians of
 `--overhead-rounds` rounds after one untimed warm-up round.
 """
@@ -100,8 +101,9 @@ async def start_engine(model_path: str, role: Role, core: int, *, max_model_len:
 
 async def _measure(model_path: str, tokens: int, rounds: int, chunk_size: int
                    ) -> dict[str, list[tuple[float, float]]]:
-    """Rounds interleaved across the configurations (this machine drifts): the decode
-    engine (core 1) is also the colocated one; the two prefill engines share core 0."""
+    """Rounds interleaved across the configurations (this machine drifts): the two
+    prefill engines share core 0, the whole-mode one doubling as the colocated engine;
+    the decode engine has core 1."""
     times: dict[str, list[tuple[float, float]]] = {name: [] for name in CONFIGS}
 
     def start(role: Role, core: int, overlap: bool = False) -> Any:
@@ -113,7 +115,9 @@ async def _measure(model_path: str, tokens: int, rounds: int, chunk_size: int
         engines["decode"] = await start("decode", 1)
         engines["whole"] = await start("prefill", 0)
         engines["overlap"] = await start("prefill", 0, overlap=True)
-        runs = {"colocated": lambda req: _colocated_round(engines["decode"], req),
+        # Colocated on a prefill engine: its prompt runs where the disaggregated prompts
+        # run (core 0, beside the other, idle prefill engine), so TTFTs compare.
+        runs = {"colocated": lambda req: _colocated_round(engines["whole"], req),
                 "disaggregated/whole": lambda req: _disaggregated_round(
                     engines["whole"], engines["decode"], req),
                 "disaggregated/overlap": lambda req: _disaggregated_round(

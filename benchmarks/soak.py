@@ -57,6 +57,8 @@ def tree_rss_mib(pid: int, labels: dict[int, str] | None = None,
         try:
             if p.pid not in labels:
                 command = " ".join(p.cmdline()).strip() or p.name()
+                if not command.startswith(p.name()):  # name a binary run by path (raylet)
+                    command = f"{p.name()}: {command}"
                 owner = next((instance_pids[a.pid] for a in [p, *p.parents()]
                               if a.pid in instance_pids), None)
                 labels[p.pid] = f"{p.pid} {f'[{owner}] ' if owner else ''}{command[:50]}"
