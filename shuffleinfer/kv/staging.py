@@ -58,10 +58,6 @@ class StagedRuns:
     segment: Segment
     runs: list[tuple[int, int]]
 
-    @property
-    def nbytes(self) -> int:
-        return sum(n for _, n in self.runs)
-
     def views(self) -> list[memoryview]:
         return [self.segment.buf[offset:offset + n] for offset, n in self.runs]
 
@@ -160,15 +156,14 @@ class Stager:
     def _copy(self, staged: _Staged, todo: list[tuple[int, int]]) -> None:
         blocks = tuple(b for _, b in todo)
         views = self._kv.read_views(blocks)  # layer by layer, block by block
-        per_layer = len(views) // self._num_layers
+        runs_per_block = len(views) // (self._num_layers * len(todo))
         lbb = self._kv.block_bytes
         for layer in range(self._num_layers):
-            layer_views = views[layer * per_layer:(layer + 1) * per_layer]
-            runs_per_block = len(layer_views) // len(todo)
             for k, (index, _) in enumerate(todo):
+                first = (layer * len(todo) + k) * runs_per_block
                 offset = (layer * staged.num_blocks + index) * lbb
-                src = layer_views[k * runs_per_block:(k + 1) * runs_per_block]
-                copy_views(src, [staged.segment.buf[offset:offset + lbb]])
+                copy_views(views[first:first + runs_per_block],
+                           [staged.segment.buf[offset:offset + lbb]])
 
     def fence(self, transfer_ids: Sequence[str]) -> None:
         """Called before a forward pass that may write the transfers' blocks (they were
