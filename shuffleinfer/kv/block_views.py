@@ -34,6 +34,7 @@ import itertools
 import math
 from dataclasses import asdict, dataclass
 
+import numpy as np
 import torch
 
 from shuffleinfer.kv.errors import KVTransferError
@@ -68,6 +69,15 @@ class _LayerBlocks:
     """uint8 [num_blocks, *interior]; a view of the engine's tensor."""
     num_outer: int
     """How many leading interior dims cut a block into runs (0: one run per block)."""
+    host_rows: np.ndarray | None = None
+    """uint8 [num_blocks, block_bytes] over the same memory, when each block is one run
+    in host memory: a block's bytes are then one cheap index away (`host_views`)."""
+
+    def host_views(self, block_id: int) -> list[memoryview]:
+        """The block's contiguous runs as memoryviews (host memory only)."""
+        if self.host_rows is not None:
+            return [self.host_rows[block_id].data]
+        return [run.numpy().data for run in self.runs(block_id)]
 
     def runs(self, block_id: int) -> list[torch.Tensor]:
         """The block's contiguous runs as 1-D uint8 views, in memory order."""
@@ -170,7 +180,9 @@ def _layer_blocks(name: str, cache: torch.Tensor, num_blocks: int | None,
     num_outer = _num_outer(blocks.shape[1:], blocks.stride()[1:])
     block_format = BlockFormat(math.prod(blocks.shape[1:]), block_shape, order,
                                math.prod(blocks.shape[1 + num_outer:]))
-    return _LayerBlocks(blocks, num_outer), block_format
+    host_rows = blocks.view(blocks.shape[0], -1).numpy() \
+        if num_outer == 0 and blocks.device.type == "cpu" else None
+    return _LayerBlocks(blocks, num_outer, host_rows), block_format
 
 
 class KVCacheViews:
@@ -236,8 +248,8 @@ class KVCacheViews:
     def read_views(self, block_ids: tuple[int, ...]) -> list[memoryview]:
         """The bytes of `block_ids`, layer by layer, ready to send."""
         if not self.stage:
-            return [run.numpy().data for layer in self._layers for b in block_ids
-                    for run in layer.runs(b)]
+            return [view for layer in self._layers for b in block_ids
+                    for view in layer.host_views(b)]
         staged = torch.stack([
             layer.blocks.index_select(0, self._index(block_ids, layer.blocks.device))
             .reshape(len(block_ids), -1) for layer in self._layers]).cpu()
@@ -248,8 +260,8 @@ class KVCacheViews:
     def write_views(self, block_ids: tuple[int, ...]) -> PendingWrite:
         """Where to receive the bytes of `block_ids` (same byte order as `read_views`)."""
         if not self.stage:
-            return PendingWrite([run.numpy().data for layer in self._layers
-                                 for b in block_ids for run in layer.runs(b)])
+            return PendingWrite([view for layer in self._layers for b in block_ids
+                                 for view in layer.host_views(b)])
         staging = torch.empty(len(self._layers), len(block_ids), self.block_bytes,
                               dtype=torch.uint8)
         flat = staging.numpy()

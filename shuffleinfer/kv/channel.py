@@ -1,4 +1,5 @@
-"""The KV side channel: one TCP connection per request to a prefill worker's KV server.
+"""The KV side channel: TCP connections to a prefill worker's KV server, each carrying
+one request after another (decode sides keep them open between pulls, `connections.py`).
 
   client -> server: a framed JSON header {"op": "pull"|"release"|"connect",
                     "transport": "tcp"|"shm"|"nccl", "transfer_id", "auth_token", ...}
@@ -17,7 +18,8 @@ import socket
 import socketserver
 import struct
 import threading
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from typing import Any
 
 from shuffleinfer.kv.transport import KVSource, KVTransferError, Peer, PullRequest, Transport
@@ -27,6 +29,14 @@ logger = logging.getLogger(__name__)
 _LEN = struct.Struct("!I")
 _MAX_HEADER_BYTES = 1 << 20
 AUTH_KEY = "auth_token"
+
+
+class PeerClosed(KVTransferError):
+    """The peer closed the connection before all the bytes expected arrived."""
+
+
+class Refused(KVTransferError):
+    """The server replied, and said no (the connection is still usable)."""
 
 
 def send_frame(sock: socket.socket, obj: dict[str, Any]) -> None:
@@ -42,7 +52,7 @@ def recv_exact_into(sock: socket.socket, view: memoryview) -> None:
     while got < total:
         n = sock.recv_into(view[got:], total - got)
         if n == 0:
-            raise KVTransferError(f"peer closed after {got} of {total} bytes")
+            raise PeerClosed(f"peer closed after {got} of {total} bytes")
         got += n
 
 
@@ -83,6 +93,8 @@ def parse_pull(header: dict[str, Any]) -> PullRequest:
 
 class _Handler(socketserver.BaseRequestHandler):
     def handle(self) -> None:
+        """Serve requests on one connection until the client closes it, it stays idle
+        for the I/O timeout, or a request leaves the stream out of step."""
         server: _Server = self.server  # type: ignore[assignment]
         sock: socket.socket = self.request
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -90,52 +102,60 @@ class _Handler(socketserver.BaseRequestHandler):
         # (serving leases never expire): the send times out and the lease ends instead.
         sock.settimeout(server.io_timeout_s)
         client = f"{self.client_address[0]}:{self.client_address[1]}"
-        try:
-            header = recv_frame(sock)
-        except (OSError, KVTransferError, ValueError) as e:
-            logger.warning("bad KV request from %s: %s", client, e)
-            return
-        try:
-            self._dispatch(server, sock, header, client)
-        except OSError as e:
-            logger.warning("KV %s of %s with %s failed: %s", header.get("op"),
-                           header.get("transfer_id"), client, e)
+        with server.tracking(sock):
+            in_step = True
+            while in_step:
+                try:
+                    header = recv_frame(sock)
+                except (PeerClosed, TimeoutError):
+                    return  # the client is done with it, or left it idle
+                except (OSError, KVTransferError, ValueError) as e:
+                    logger.warning("bad KV request from %s: %s", client, e)
+                    return
+                try:
+                    in_step = self._dispatch(server, sock, header, client)
+                except OSError as e:
+                    logger.warning("KV %s of %s with %s failed: %s", header.get("op"),
+                                   header.get("transfer_id"), client, e)
+                    return
 
     @staticmethod
     def _dispatch(server: _Server, sock: socket.socket, header: dict[str, Any],
-                  client: str) -> None:
+                  client: str) -> bool:
+        """Answer one request; whether the connection may carry another (not after a
+        refused auth token, an nccl set-up, or a pull that failed half-way)."""
         if not is_authorized(header, server.auth_token):
             logger.warning("refused a KV %s from %s: missing or wrong auth token",
                            header.get("op"), client)
             server.source.on_unauthorized(client)
             send_frame(sock, {"ok": False, "error": "unauthorized: wrong or missing auth_token"})
-            return
+            return False
         op = header.get("op")
         if op == "release":
             server.source.on_release(str(header.get("transfer_id", "")))
             send_frame(sock, {"ok": True, "error": None})
-            return
+            return True
         name = header.get("transport", "tcp")
         transport = server.transports.get(name) if isinstance(name, str) else None
         if transport is None:
             send_frame(sock, {"ok": False, "error": f"transport {name!r} is not served here "
                                                     f"(serving {sorted(server.transports)})"})
-            return
+            return True
         if op == "connect":
             try:
                 transport.serve_connect(sock, header)
             except KVTransferError as e:
                 send_frame(sock, {"ok": False, "error": str(e)})
-            return
+            return False
         if op != "pull":
             send_frame(sock, {"ok": False, "error": f"unknown op {op!r}"})
-            return
+            return True
         try:
             request = parse_pull(header)
         except KVTransferError as e:
             send_frame(sock, {"ok": False, "error": str(e)})
-            return
-        transport.serve_pull(sock, header, request, server.source)
+            return True
+        return transport.serve_pull(sock, header, request, server.source)
 
 
 class _Server(socketserver.ThreadingTCPServer):
@@ -146,9 +166,26 @@ class _Server(socketserver.ThreadingTCPServer):
     io_timeout_s: float
     auth_token: str | None
 
+    def __init__(self, address: tuple[str, int]) -> None:
+        super().__init__(address, _Handler)
+        self.open_connections: set[socket.socket] = set()
+        self.connections_lock = threading.Lock()
+
+    @contextmanager
+    def tracking(self, sock: socket.socket) -> Iterator[None]:
+        """Count `sock` as open while its handler runs, so that close() can end it."""
+        with self.connections_lock:
+            self.open_connections.add(sock)
+        try:
+            yield
+        finally:
+            with self.connections_lock:
+                self.open_connections.discard(sock)
+
 
 class KVServer:
-    """Serves pulls of leased blocks on a background thread, one thread per connection.
+    """Serves pulls of leased blocks on a background thread, one thread per connection,
+    each serving that connection's requests in turn.
 
     `io_timeout_s` bounds each socket operation of a connection, so a peer that stalls
     mid-transfer cannot hold a lease forever.
@@ -157,7 +194,7 @@ class KVServer:
     def __init__(self, host: str, port: int, source: KVSource,
                  transports: Mapping[str, Transport], io_timeout_s: float = 30.0,
                  auth_token: str | None = None) -> None:
-        self._server = _Server((host, port), _Handler)
+        self._server = _Server((host, port))
         self._server.source = source
         self._server.transports = dict(transports)
         self._server.io_timeout_s = io_timeout_s
@@ -173,12 +210,26 @@ class KVServer:
         host, port = self._server.server_address[:2]
         return str(host), int(port)
 
+    @property
+    def num_connections(self) -> int:
+        """Connections open to this server now (idle ones kept by clients included)."""
+        with self._server.connections_lock:
+            return len(self._server.open_connections)
+
     def start(self) -> None:
         self._thread.start()
 
     def close(self) -> None:
+        """Stop accepting and end every open connection (idle ones included)."""
         self._server.shutdown()
         self._server.server_close()
+        with self._server.connections_lock:
+            open_connections = list(self._server.open_connections)
+        for sock in open_connections:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass  # already closed by its peer
 
 
 def connect(peer: Peer, timeout_s: float) -> socket.socket:
@@ -203,7 +254,7 @@ def recv_ok(sock: socket.socket, what: str) -> dict[str, Any]:
     """The server's next reply if it says ok; else KVTransferError with its reason."""
     reply = recv_frame(sock)
     if not reply.get("ok"):
-        raise KVTransferError(f"KV server refused {what}: {reply.get('error')}")
+        raise Refused(f"KV server refused {what}: {reply.get('error')}")
     return reply
 
 

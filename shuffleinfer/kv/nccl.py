@@ -227,17 +227,18 @@ class NcclTransport(Transport):
         logger.info("NCCL pair %s ready", pair_id)
 
     def serve_pull(self, sock: socket.socket, header: dict[str, Any],
-                   request: PullRequest, source: KVSource) -> None:
+                   request: PullRequest, source: KVSource) -> bool:
+        # One pull per connection (the client closes it after the NCCL receive).
         with self._lock:
             pair = self._server_pairs.get(str(header.get("nccl_pair")))
         if pair is None:
             send_frame(sock, {"ok": False, "error": "unknown nccl pair: connect again"})
-            return
+            return False
         try:
             rows = source.rows_for_pull(request)
         except KVTransferError as e:
             send_frame(sock, {"ok": False, "error": str(e)})
-            return
+            return False
         ok = False
         try:
             send_frame(sock, {"ok": True, "error": None})
@@ -252,6 +253,7 @@ class NcclTransport(Transport):
                 pair.abort()
         finally:
             source.on_pull_done(request.transfer_id, ok)
+        return False
 
     def close(self) -> None:
         with self._lock:

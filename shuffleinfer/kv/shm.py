@@ -28,7 +28,8 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from shuffleinfer.kv.block_views import KVCacheViews
-from shuffleinfer.kv.channel import connect, exchange, recv_frame, recv_ok, send_frame
+from shuffleinfer.kv.channel import recv_frame, recv_ok, send_frame
+from shuffleinfer.kv.connections import ConnectionPool
 from shuffleinfer.kv.shm_segments import AttachedSegments, Segment, SegmentPool
 from shuffleinfer.kv.staging import StagedRuns, copy_views
 from shuffleinfer.kv.tcp import pull_header
@@ -76,6 +77,7 @@ class ShmTransport(Transport):
         self._auth_token = auth_token
         self._pool = SegmentPool(segments_per_peer)
         self._attached = AttachedSegments()
+        self._connections = ConnectionPool()
 
     # --- decode side ----------------------------------------------------------------------
     def pull(self, peer: Peer, request: PullRequest, kv: KVCacheViews,
@@ -99,8 +101,8 @@ class ShmTransport(Transport):
                 "shm_name": segment.name, "shm_bytes": nbytes,
                 "progress_bytes": progress_step(nbytes), "staged_ok": True}
             filler = Filler(segment.buf, dest_views)
-            with connect(peer, timeout_s) as sock:
-                reply = exchange(sock, header, self._auth_token)
+            with self._connections.exchange(peer, header, self._auth_token,
+                                            timeout_s) as (sock, reply):
                 if "staged" in reply:
                     self._copy_staged(reply, dest_views)
                     send_frame(sock, {"op": "done"})
@@ -133,27 +135,26 @@ class ShmTransport(Transport):
 
     # --- prefill side ---------------------------------------------------------------------
     def serve_pull(self, sock: socket.socket, header: dict[str, Any],
-                   request: PullRequest, source: KVSource) -> None:
+                   request: PullRequest, source: KVSource) -> bool:
         if header.get("staged_ok") is True:
             try:
                 staged = source.staged_for_pull(request)
             except KVTransferError as e:
                 send_frame(sock, {"ok": False, "error": str(e)})
-                return
+                return True
             if staged is not None:
-                _serve_staged(sock, staged, request, source)
-                return
+                return _serve_staged(sock, staged, request, source)
         try:
             segment = self._attached.acquire(header.get("shm_name"), header.get("shm_bytes"))
         except KVTransferError as e:
             send_frame(sock, {"ok": False, "error": str(e)})
-            return
+            return True
         try:
             views = source.views_for_pull(request)
         except KVTransferError as e:
             self._attached.release(segment)
             send_frame(sock, {"ok": False, "error": str(e)})
-            return
+            return True
         ok = False
         try:
             try:
@@ -167,16 +168,18 @@ class ShmTransport(Transport):
             logger.warning("KV pull %s by shm failed: %s", request.transfer_id, e)
         finally:
             source.on_pull_done(request.transfer_id, ok)
+        return ok
 
     def close(self) -> None:
         """Called at worker shutdown: unlink this worker's segments, drop the mappings of
         the others'."""
         self._pool.close()
         self._attached.close()
+        self._connections.close()
 
 
 def _serve_staged(sock: socket.socket, staged: StagedRuns, request: PullRequest,
-                  source: KVSource) -> None:
+                  source: KVSource) -> bool:
     """Name the staging segment and the pull's runs in it; the lease ends when the client
     says it copied them out (or fails: then the segment is not reused)."""
     ok = False
@@ -188,6 +191,7 @@ def _serve_staged(sock: socket.socket, staged: StagedRuns, request: PullRequest,
         logger.warning("KV pull %s by shm (staged) failed: %s", request.transfer_id, e)
     finally:
         source.on_pull_done(request.transfer_id, ok)
+    return ok
 
 
 def _progress(sock: socket.socket, step: object) -> Callable[[int], None] | None:

@@ -1,4 +1,5 @@
 """The tcp transport: block bytes follow the reply on the side-channel socket itself.
+The decode side keeps its connections open between pulls (`connections.py`).
 
 Works between any two hosts. The client receives straight into its own KV blocks
 (`recv_into` on views of the cache) and the server sends straight from its blocks
@@ -13,7 +14,8 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from shuffleinfer.kv.block_views import KVCacheViews
-from shuffleinfer.kv.channel import connect, exchange, recv_exact_into, send_frame
+from shuffleinfer.kv.channel import recv_exact_into, send_frame
+from shuffleinfer.kv.connections import ConnectionPool
 from shuffleinfer.kv.transport import KVSource, KVTransferError, Peer, PullRequest, Transport
 
 logger = logging.getLogger(__name__)
@@ -51,15 +53,19 @@ def pull(
     timeout_s: float,
     on_bytes: Callable[[int], None] | None = None,
     auth_token: str | None = None,
+    connections: ConnectionPool | None = None,
 ) -> int:
     """Pull the requested blocks into `dest_views` (same order); returns bytes received.
+    `connections`: where to find an open connection to the server and give it back
+    (default: a connection of its own, closed after).
 
     Raises KVTransferError naming the transfer on any failure: refused, unreachable,
     timed out, or the server gone mid-transfer.
     """
+    pool = connections if connections is not None else ConnectionPool(per_peer=0)
     try:
-        with connect(Peer(host, port), timeout_s) as sock:
-            exchange(sock, pull_header(request, "tcp"), auth_token)
+        with pool.exchange(Peer(host, port), pull_header(request, "tcp"), auth_token,
+                           timeout_s) as (sock, _):
             total = 0
             for view in dest_views:
                 recv_exact_into(sock, view)
@@ -79,22 +85,23 @@ class TcpTransport(Transport):
 
     def __init__(self, auth_token: str | None = None) -> None:
         self._auth_token = auth_token
+        self._connections = ConnectionPool()
 
     def pull(self, peer: Peer, request: PullRequest, kv: KVCacheViews,
              local_block_ids: tuple[int, ...], timeout_s: float) -> int:
         dest = kv.write_views(local_block_ids)
         nbytes = pull(peer.host, peer.port, request, dest.views, timeout_s,
-                      auth_token=self._auth_token)
+                      auth_token=self._auth_token, connections=self._connections)
         dest.commit()
         return nbytes
 
     def serve_pull(self, sock: socket.socket, header: dict[str, Any],
-                   request: PullRequest, source: KVSource) -> None:
+                   request: PullRequest, source: KVSource) -> bool:
         try:
             views = source.views_for_pull(request)
         except KVTransferError as e:
             send_frame(sock, {"ok": False, "error": str(e)})
-            return
+            return True
         ok = False
         try:
             send_frame(sock, {"ok": True, "error": None})
@@ -104,3 +111,7 @@ class TcpTransport(Transport):
             logger.warning("KV pull %s by tcp failed: %s", request.transfer_id, e)
         finally:
             source.on_pull_done(request.transfer_id, ok)
+        return ok
+
+    def close(self) -> None:
+        self._connections.close()

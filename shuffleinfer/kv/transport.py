@@ -1,7 +1,8 @@
 """The contract between the KV connector's worker half and the ways bytes move.
 
-Every transport shares one side channel: a TCP connection to the prefill worker's KV
-server carrying a framed JSON header and a framed JSON reply (`channel.py`). Only what
+Every transport shares one side channel: TCP connections to the prefill worker's KV
+server, each carrying framed JSON headers and framed JSON replies (`channel.py`), kept
+open between pulls by tcp and shm (`connections.py`). Only what
 follows the header differs:
 - tcp:  the reply, then the block bytes on the same socket;
 - shm:  the decode side names a shared-memory segment in the header, the server copies
@@ -105,10 +106,12 @@ class Transport(ABC):
 
     @abstractmethod
     def serve_pull(self, sock: socket.socket, header: dict[str, Any],
-                   request: PullRequest, source: KVSource) -> None:
+                   request: PullRequest, source: KVSource) -> bool:
         """Called on a KV server thread for a pull header that passed the auth check:
-        grant through `source`, move the bytes, reply on `sock`. Errors are replied, never
-        raised, except OSError from a dead socket (the server logs it)."""
+        grant through `source`, move the bytes, reply on `sock`; return whether the
+        connection is in step for another request (a refusal replied is; a pull that
+        failed half-way is not). Errors are replied, never raised, except OSError from a
+        dead socket (the server logs it)."""
 
     def serve_connect(self, sock: socket.socket, header: dict[str, Any]) -> None:
         """Called on a KV server thread for a `connect` header (a transport that needs a
