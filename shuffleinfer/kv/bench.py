@@ -59,6 +59,13 @@ def make_caches(shape: CacheShape, num_blocks: int, seed: int) -> dict[str, torc
 MODES = ("whole", "overlap")
 
 
+def cache_blocks(num_blocks: int) -> int:
+    """Blocks of each side's cache when `num_blocks` are handed over: twice as many, so
+    that, as in an engine's cache, one layer's pulled blocks do not run on into the next
+    layer's (which would let a copy or a send cover several layers at once)."""
+    return 2 * num_blocks
+
+
 def _prefill_main(conn: Connection, shape: CacheShape, num_blocks: int) -> None:
     """Child process: serve leases on request until told to stop (None); an overlap
     round's blocks are staged (and the copies done) before the lease is acknowledged."""
@@ -67,8 +74,8 @@ def _prefill_main(conn: Connection, shape: CacheShape, num_blocks: int) -> None:
 
     worker = ConnectorWorker("127.0.0.1", 0, lease_s=600.0, pull_timeout_s=60.0,
                              staging_bytes=2 * num_blocks * shape.block_bytes)
-    worker.register_kv_caches(make_caches(shape, num_blocks, seed=0), num_blocks=num_blocks,
-                              block_dim=VLLM_BLOCK_DIM)
+    worker.register_kv_caches(make_caches(shape, cache_blocks(num_blocks), seed=0),
+                              num_blocks=cache_blocks(num_blocks), block_dim=VLLM_BLOCK_DIM)
     conn.send(worker.address)
     while (msg := conn.recv()) is not None:
         transfer_id, block_ids, mode = msg
@@ -113,9 +120,11 @@ def run_blocks(num_blocks: int, rounds: int, shape: CacheShape,
     try:
         host, port = cast(tuple[str, int], _reply(parent, proc))
         peer = Peer(host, port)
-        src = make_caches(shape, num_blocks, seed=0)  # the same bytes as the child's
-        dst_caches = make_caches(shape, num_blocks, seed=1)
-        kv = KVCacheViews(dst_caches, num_blocks=num_blocks, block_dim=VLLM_BLOCK_DIM)
+        # The child's cache holds the same bytes; each side's first num_blocks move.
+        src = make_caches(shape, cache_blocks(num_blocks), seed=0)
+        dst_caches = make_caches(shape, cache_blocks(num_blocks), seed=1)
+        kv = KVCacheViews(dst_caches, num_blocks=cache_blocks(num_blocks),
+                          block_dim=VLLM_BLOCK_DIM)
         block_ids = tuple(range(num_blocks))
         seconds: dict[str, dict[str, list[float]]] = {
             mode: {t.name: [] for t in transports} for mode in modes}
@@ -131,7 +140,8 @@ def run_blocks(num_blocks: int, rounds: int, shape: CacheShape,
                     transport.pull(peer, PullRequest(tid, block_ids, kv.layout), kv,
                                    block_ids, 60.0)
                     elapsed = time.perf_counter() - started
-                    if not all(torch.equal(dst_caches[n], src[n]) for n in src):
+                    if not all(torch.equal(dst_caches[n][:num_blocks], src[n][:num_blocks])
+                               for n in src):
                         raise RuntimeError(f"{transport.name} ({mode}) delivered wrong bytes "
                                            f"in round {r}")
                     seconds[mode][transport.name].append(elapsed)

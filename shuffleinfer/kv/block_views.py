@@ -73,11 +73,23 @@ class _LayerBlocks:
     """uint8 [num_blocks, block_bytes] over the same memory, when each block is one run
     in host memory: a block's bytes are then one cheap index away (`host_views`)."""
 
-    def host_views(self, block_id: int) -> list[memoryview]:
-        """The block's contiguous runs as memoryviews (host memory only)."""
-        if self.host_rows is not None:
-            return [self.host_rows[block_id].data]
-        return [run.numpy().data for run in self.runs(block_id)]
+    def host_views(self, block_ids: tuple[int, ...]) -> list[memoryview]:
+        """The blocks' bytes in order as memoryviews of host memory, one per stretch of
+        consecutive block ids when blocks lie back to back (fewer, longer copies and
+        socket calls), else one per contiguous run of each block."""
+        rows = self.host_rows
+        if rows is None:
+            return [run.numpy().data for b in block_ids for run in self.runs(b)]
+        if rows.strides[0] != rows.shape[1]:
+            return [rows[b].data for b in block_ids]
+        views = []
+        start = 0
+        for i in range(1, len(block_ids) + 1):
+            if i == len(block_ids) or block_ids[i] != block_ids[i - 1] + 1:
+                first = block_ids[start]
+                views.append(rows[first:first + i - start].reshape(-1).data)
+                start = i
+        return views
 
     def runs(self, block_id: int) -> list[torch.Tensor]:
         """The block's contiguous runs as 1-D uint8 views, in memory order."""
@@ -219,6 +231,8 @@ class KVCacheViews:
         self.dtype = str(first.dtype)
         self.block_format = formats[0]
         self.block_bytes = self.block_format.block_bytes
+        self._layout = {**self._identity, "num_layers": len(self._layers),
+                        **asdict(self.block_format), "dtype": self.dtype}
 
     @property
     def device(self) -> torch.device:
@@ -228,8 +242,7 @@ class KVCacheViews:
     @property
     def layout(self) -> dict[str, object]:
         """What a peer's blocks must match, sent with every pull."""
-        return {**self._identity, "num_layers": len(self._layers),
-                **asdict(self.block_format), "dtype": self.dtype}
+        return dict(self._layout)
 
     def check_layout(self, layout: dict[str, object], *, rows: bool = False) -> None:
         """Called by the serving side for each pull: raise naming the first field where
@@ -248,8 +261,7 @@ class KVCacheViews:
     def read_views(self, block_ids: tuple[int, ...]) -> list[memoryview]:
         """The bytes of `block_ids`, layer by layer, ready to send."""
         if not self.stage:
-            return [view for layer in self._layers for b in block_ids
-                    for view in layer.host_views(b)]
+            return [view for views in self.layer_views(block_ids) for view in views]
         staged = torch.stack([
             layer.blocks.index_select(0, self._index(block_ids, layer.blocks.device))
             .reshape(len(block_ids), -1) for layer in self._layers]).cpu()
@@ -257,11 +269,15 @@ class KVCacheViews:
         return [flat[layer, i].data for layer in range(len(self._layers))
                 for i in range(len(block_ids))]
 
+    def layer_views(self, block_ids: tuple[int, ...]) -> list[list[memoryview]]:
+        """`read_views` of a host-memory cache, layer by layer."""
+        return [layer.host_views(block_ids) for layer in self._layers]
+
     def write_views(self, block_ids: tuple[int, ...]) -> PendingWrite:
         """Where to receive the bytes of `block_ids` (same byte order as `read_views`)."""
         if not self.stage:
-            return PendingWrite([view for layer in self._layers for b in block_ids
-                                 for view in layer.host_views(b)])
+            return PendingWrite([view for layer in self._layers
+                                 for view in layer.host_views(block_ids)])
         staging = torch.empty(len(self._layers), len(block_ids), self.block_bytes,
                               dtype=torch.uint8)
         flat = staging.numpy()

@@ -39,10 +39,15 @@ class Refused(KVTransferError):
     """The server replied, and said no (the connection is still usable)."""
 
 
+def frame(obj: dict[str, Any]) -> bytes:
+    """One length-prefixed JSON object, as sent."""
+    data = json.dumps(obj).encode()
+    return _LEN.pack(len(data)) + data
+
+
 def send_frame(sock: socket.socket, obj: dict[str, Any]) -> None:
     """Send one length-prefixed JSON object."""
-    data = json.dumps(obj).encode()
-    sock.sendall(_LEN.pack(len(data)) + data)
+    sock.sendall(frame(obj))
 
 
 def recv_exact_into(sock: socket.socket, view: memoryview) -> None:

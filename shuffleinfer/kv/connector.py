@@ -74,7 +74,7 @@ class ShuffleKVConnector(KVConnectorBase_V1):
                 opts.host, opts.port, opts.lease_s, opts.pull_timeout_s,
                 transport=opts.transport, auth_token=opts.auth_token,
                 staging_bytes=opts.staging_mib << 20 if opts.overlap else 0,
-                identity=handshake_identity(vllm_config))
+                share_cache=opts.shared_cache, identity=handshake_identity(vllm_config))
 
     # --- worker side --------------------------------------------------------------------
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:

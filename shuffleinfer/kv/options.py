@@ -37,6 +37,9 @@ class ConnectorOptions:
     the prefill (`staging.py`); False: pull the whole request when it is done."""
     staging_mib: int = DEFAULT_STAGING_MIB
     """Bound on the host memory staged prefills hold (overlap mode); past it, whole."""
+    shared_cache: bool = True
+    """Keep a CPU engine's KV cache in shared memory, so an shm pull copies the blocks
+    once, straight from the prefill's cache (`shared_cache.py`); False: twice."""
 
     @classmethod
     def from_extra(cls, extra: Mapping[str, Any]) -> ConnectorOptions:
@@ -65,9 +68,13 @@ class ConnectorOptions:
         if not isinstance(staging_mib, int) or isinstance(staging_mib, bool) \
                 or staging_mib < 0:
             raise ValueError(f"staging_mib must be a non-negative integer, not {staging_mib!r}")
+        shared_cache = extra.get("shared_cache", True)
+        if not isinstance(shared_cache, bool):
+            raise ValueError(f"shared_cache must be true or false, not {shared_cache!r}")
         host = str(extra.get("host", "127.0.0.1"))
         return cls(port=port, host=host,
                    advertise_host=str(extra.get("advertise_host") or host),
                    lease_s=lease_s, pull_timeout_s=pull_timeout_s,
                    transport=check_choice(str(extra.get("transport", "auto"))),
-                   auth_token=token, overlap=overlap, staging_mib=staging_mib)
+                   auth_token=token, overlap=overlap, staging_mib=staging_mib,
+                   shared_cache=shared_cache)

@@ -30,8 +30,9 @@ from typing import Any
 from shuffleinfer.kv.block_views import KVCacheViews
 from shuffleinfer.kv.channel import recv_frame, recv_ok, send_frame
 from shuffleinfer.kv.connections import ConnectionPool
+from shuffleinfer.kv.shared_cache import PeerCaches
 from shuffleinfer.kv.shm_segments import AttachedSegments, Segment, SegmentPool
-from shuffleinfer.kv.staging import StagedRuns, copy_views
+from shuffleinfer.kv.staging import copy_views
 from shuffleinfer.kv.tcp import pull_header
 from shuffleinfer.kv.transport import KVSource, KVTransferError, Peer, PullRequest, Transport
 
@@ -78,6 +79,7 @@ class ShmTransport(Transport):
         self._pool = SegmentPool(segments_per_peer)
         self._attached = AttachedSegments()
         self._connections = ConnectionPool()
+        self._caches = PeerCaches()
 
     # --- decode side ----------------------------------------------------------------------
     def pull(self, peer: Peer, request: PullRequest, kv: KVCacheViews,
@@ -99,12 +101,21 @@ class ShmTransport(Transport):
             segment = self._pool.acquire(peer, nbytes)
             header = pull_header(request, "shm") | {
                 "shm_name": segment.name, "shm_bytes": nbytes,
-                "progress_bytes": progress_step(nbytes), "staged_ok": True}
+                "progress_bytes": progress_step(nbytes), "staged_ok": True,
+                "cache_ok": peer not in self._caches.unusable}
             filler = Filler(segment.buf, dest_views)
             with self._connections.exchange(peer, header, self._auth_token,
                                             timeout_s) as (sock, reply):
-                if "staged" in reply:
-                    self._copy_staged(reply, dest_views)
+                if "staged" in reply or "cache" in reply:
+                    try:
+                        if "staged" in reply:
+                            self._copy_staged(reply, dest_views)
+                        else:
+                            self._caches.copy_runs(peer, reply["cache"], reply["runs"],
+                                                   dest_views)
+                    except BaseException:
+                        send_frame(sock, {"op": "failed"})  # ends the lease at once
+                        raise
                     send_frame(sock, {"op": "done"})
                     ok = True
                     return nbytes
@@ -115,6 +126,7 @@ class ShmTransport(Transport):
             ok = True
             return nbytes
         except (OSError, ValueError, KVTransferError) as e:
+            self._caches.drop(peer)  # the server may be gone: do not pin its memory
             raise KVTransferError(f"pull of {request.transfer_id} from {peer.host}:"
                                   f"{peer.port} by shm: {e}") from e
         finally:
@@ -143,7 +155,18 @@ class ShmTransport(Transport):
                 send_frame(sock, {"ok": False, "error": str(e)})
                 return True
             if staged is not None:
-                return _serve_staged(sock, staged, request, source)
+                return _serve_mapped(sock, {"staged": staged.segment.name,
+                                            "runs": staged.runs}, request, source)
+        if header.get("cache_ok") is True:
+            try:
+                shared = source.shared_for_pull(request)
+            except KVTransferError as e:
+                send_frame(sock, {"ok": False, "error": str(e)})
+                return True
+            if shared is not None:
+                described, runs = shared
+                return _serve_mapped(sock, {"cache": described, "runs": runs}, request,
+                                     source)
         try:
             segment = self._attached.acquire(header.get("shm_name"), header.get("shm_bytes"))
         except KVTransferError as e:
@@ -176,16 +199,17 @@ class ShmTransport(Transport):
         self._pool.close()
         self._attached.close()
         self._connections.close()
+        self._caches.close()
 
 
-def _serve_staged(sock: socket.socket, staged: StagedRuns, request: PullRequest,
+def _serve_mapped(sock: socket.socket, where: dict[str, Any], request: PullRequest,
                   source: KVSource) -> bool:
-    """Name the staging segment and the pull's runs in it; the lease ends when the client
-    says it copied them out (or fails: then the segment is not reused)."""
+    """Say where the client maps the pull's bytes from (a staging segment, or the shared
+    cache) and the runs in it; the lease ends when the client says it copied them out
+    (or fails: then a staging segment is not reused)."""
     ok = False
     try:
-        send_frame(sock, {"ok": True, "error": None, "staged": staged.segment.name,
-                          "runs": staged.runs})
+        send_frame(sock, {"ok": True, "error": None} | where)
         ok = recv_frame(sock).get("op") == "done"
     except (OSError, ValueError, KVTransferError) as e:
         logger.warning("KV pull %s by shm (staged) failed: %s", request.transfer_id, e)

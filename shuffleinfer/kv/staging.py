@@ -155,15 +155,11 @@ class Stager:
 
     def _copy(self, staged: _Staged, todo: list[tuple[int, int]]) -> None:
         blocks = tuple(b for _, b in todo)
-        views = self._kv.read_views(blocks)  # layer by layer, block by block
-        runs_per_block = len(views) // (self._num_layers * len(todo))
         lbb = self._kv.block_bytes
-        for layer in range(self._num_layers):
-            for k, (index, _) in enumerate(todo):
-                first = (layer * len(todo) + k) * runs_per_block
-                offset = (layer * staged.num_blocks + index) * lbb
-                copy_views(views[first:first + runs_per_block],
-                           [staged.segment.buf[offset:offset + lbb]])
+        buf = staged.segment.buf
+        for layer, views in enumerate(self._kv.layer_views(blocks)):
+            copy_views(views, [buf[(layer * staged.num_blocks + index) * lbb:][:lbb]
+                               for index, _ in todo])
 
     def fence(self, transfer_ids: Sequence[str]) -> None:
         """Called before a forward pass that may write the transfers' blocks (they were

@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from shuffleinfer.kv.block_views import KVCacheViews
-from shuffleinfer.kv.channel import recv_exact_into, send_frame
+from shuffleinfer.kv.channel import frame, recv_exact_into, send_frame
 from shuffleinfer.kv.connections import ConnectionPool
 from shuffleinfer.kv.transport import KVSource, KVTransferError, Peer, PullRequest, Transport
 
@@ -104,8 +104,8 @@ class TcpTransport(Transport):
             return True
         ok = False
         try:
-            send_frame(sock, {"ok": True, "error": None})
-            send_views(sock, views)
+            # The reply and the bytes in one scatter/gather write: one wake-up of the client.
+            send_views(sock, [memoryview(frame({"ok": True, "error": None})), *views])
             ok = True
         except OSError as e:
             logger.warning("KV pull %s by tcp failed: %s", request.transfer_id, e)

@@ -55,8 +55,9 @@ class Peer:
 class KVSource(ABC):
     """What the KV server needs from the prefill worker (implemented by the worker half).
 
-    `views_for_pull` and `rows_for_pull` grant the lease: after either returns, the server
-    calls `on_pull_done` exactly once, whatever happens next.
+    `views_for_pull`, `rows_for_pull`, and `staged_for_pull` or `shared_for_pull` when
+    they return a value, grant the lease: after that the server calls `on_pull_done`
+    exactly once, whatever happens next.
     """
 
     @abstractmethod
@@ -68,6 +69,14 @@ class KVSource(ABC):
         """Called on a server thread when an shm pull that can read a staging segment
         arrives: grant the lease and say where its bytes sit staged (`staging.py`), or
         return None, lease untouched, if they are not staged (then `views_for_pull`).
+        Raises KVTransferError to refuse (lease untouched)."""
+        return None
+
+    def shared_for_pull(self, request: PullRequest) -> tuple[dict[str, object],
+                                                             list[list[int]]] | None:
+        """Called on a server thread when an shm pull that can map this worker's cache
+        arrives: grant the lease and return how to map the cache and the pull's runs in
+        it (`shared_cache.py`), or None, lease untouched, if the cache is not shared.
         Raises KVTransferError to refuse (lease untouched)."""
         return None
 

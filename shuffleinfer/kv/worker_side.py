@@ -27,6 +27,7 @@ from shuffleinfer.kv.block_views import KVCacheViews
 from shuffleinfer.kv.channel import KVServer
 from shuffleinfer.kv.metadata import Lease, PlannedLoad, ShuffleConnectorMetadata
 from shuffleinfer.kv.selection import Endpoint, check_choice, choose_transport, host_identity
+from shuffleinfer.kv.shared_cache import SharedCache
 from shuffleinfer.kv.shm import ShmTransport
 from shuffleinfer.kv.shm_segments import sweep_orphans
 from shuffleinfer.kv.staging import StagedRuns, Stager
@@ -63,9 +64,14 @@ class ConnectorWorker(KVSource):
                  lease_wait_s: float = _LEASE_WAIT_S,
                  stage_through_host: bool | None = None, transport: str = "auto",
                  auth_token: str | None = None, host_id: str | None = None,
-                 staging_bytes: int = 0, identity: dict[str, object] | None = None) -> None:
-        """`staging_bytes` > 0: overlap mode, staging at most that many bytes. `identity`:
-        what a peer must match besides the cache's layout (model, tensor-parallel size)."""
+                 staging_bytes: int = 0, share_cache: bool = True,
+                 identity: dict[str, object] | None = None) -> None:
+        """`staging_bytes` > 0: overlap mode, staging at most that many bytes.
+        `share_cache`: move a CPU cache into shared memory (`shared_cache.py`).
+        `identity`: what a peer must match besides the cache's layout (model,
+        tensor-parallel size)."""
+        self._share_cache = share_cache
+        self._shared: SharedCache | None = None
         self._identity = identity
         self._host = host
         self._staging_bytes = staging_bytes
@@ -99,6 +105,9 @@ class ConnectorWorker(KVSource):
         """Called once by vLLM after allocating the KV cache: start serving it.
         `num_blocks` and `block_dim` locate each tensor's block dimension
         (`block_views.find_block_dim`). Raises ValueError for caches it cannot serve."""
+        if self._share_cache and all(t.device.type == "cpu" for t in kv_caches.values()):
+            # First: views taken before would keep pointing at the old memory.
+            self._shared = SharedCache.share(kv_caches)
         self._kv = KVCacheViews(kv_caches, num_blocks=num_blocks, block_dim=block_dim,
                                 stage_through_host=self._stage_through_host,
                                 identity=self._identity)
@@ -241,6 +250,18 @@ class ConnectorWorker(KVSource):
         if staged is not None:
             self._grant(request, rows=False)
         return staged
+
+    def shared_for_pull(self, request: PullRequest) -> tuple[dict[str, object],
+                                                             list[list[int]]] | None:
+        if self._shared is None or self._require_kv().stage:
+            return None  # (staged through host memory: read_views are copies)
+        self._grant(request, rows=False)
+        try:
+            return self._shared.described, self._shared.runs(
+                self._require_kv().read_views(request.block_ids))
+        except BaseException:
+            self.on_pull_done(request.transfer_id, False)
+            raise
 
     def rows_for_pull(self, request: PullRequest) -> list[torch.Tensor]:
         self._grant(request, rows=True)

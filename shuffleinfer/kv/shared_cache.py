@@ -1,0 +1,217 @@
+"""A CPU engine's KV cache in shared memory, so that an shm pull copies only once.
+
+Without this, an shm pull in whole mode copies twice: the prefill's KV server copies the
+blocks into a segment, then the decode side copies them out. With the cache itself in
+shared memory, the decode side copies the prefill's blocks straight into its own:
+1. prefill side, once, when vLLM registers the cache (`SharedCache.share`): each backing
+   allocation of the cache tensors (vLLM 0.32 makes one) moves into a shared-memory file
+   in place, through torch's own `share_memory_` machinery: every view of it, the
+   attention layers' included, then sees the new memory. The file is already unlinked;
+   only the worker's descriptor names it, so nothing is ever left in /dev/shm.
+2. a pull: the server grants the lease and replies with the cache's regions (pid and
+   descriptor) and the pull's byte runs in them; the decode side maps each region
+   read-only through /proc/<pid>/fd/<fd> (`PeerCaches`, kept between pulls), copies the
+   runs into its blocks, and says done; only then does the lease end, so the blocks
+   cannot be reused under the copy.
+3. a decode side that cannot open the descriptor (another user, another pid namespace)
+   fails that one pull (recomputed) and from then on asks that server for the two-copy
+   path. A mapping is dropped when its server restarts (new cache id), when a pull to
+   it fails, or after `idle_s` without pulls, so a dead prefill's memory is not pinned.
+"""
+
+from __future__ import annotations
+
+import logging
+import mmap
+import os
+import secrets
+import threading
+import time
+from collections.abc import Hashable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from shuffleinfer.kv.errors import KVTransferError
+from shuffleinfer.kv.staging import copy_views
+
+logger = logging.getLogger(__name__)
+
+_MAP_FLAGS = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
+
+
+def address_of(view: memoryview) -> int:
+    """Where a host-memory view's first byte is."""
+    return int(np.frombuffer(view, np.uint8).ctypes.data) if len(view) else 0
+
+
+@dataclass(frozen=True)
+class _Region:
+    base: int
+    nbytes: int
+    fd: int
+
+
+class SharedCache:
+    """Prefill side: the KV cache's backing memory, moved into shared-memory files."""
+
+    def __init__(self, regions: list[_Region]) -> None:
+        self._regions = sorted(regions, key=lambda r: r.base)
+        self.cache_id = secrets.token_hex(8)
+        self.described: dict[str, Any] = {
+            "id": self.cache_id, "pid": os.getpid(),
+            "regions": [[r.fd, r.nbytes] for r in self._regions]}
+        """What a pull's reply says of the cache, for the decode side to map it."""
+
+    @classmethod
+    def share(cls, kv_caches: dict[str, torch.Tensor]) -> SharedCache:
+        """Called once when vLLM registers its KV cache, before any view of its memory is
+        taken (numpy views would keep the old address): move each distinct backing
+        allocation of the CPU tensors into shared memory, in place. Raises ValueError for
+        tensors not on the CPU."""
+        storages: dict[int, torch.UntypedStorage] = {}
+        for name, tensor in kv_caches.items():
+            if tensor.device.type != "cpu":
+                raise ValueError(f"KV cache of {name} is on {tensor.device}, not the CPU")
+            storage = tensor.untyped_storage()
+            storages.setdefault(storage.data_ptr(), storage)
+        regions = []
+        for storage in storages.values():
+            fd, nbytes = storage._share_fd_cpu_()  # moves it, unless already shared
+            regions.append(_Region(storage.data_ptr(), int(nbytes), int(fd)))
+        return cls(regions)
+
+    def runs(self, views: Sequence[memoryview]) -> list[list[int]]:
+        """[region, offset, nbytes] for each of `views` (host views of the cache), in
+        order, neighbours in memory merged. Raises KVTransferError for a view outside."""
+        runs: list[list[int]] = []
+        for view in views:
+            start = address_of(view)
+            index = self._region_of(start, len(view))
+            offset = start - self._regions[index].base
+            last = runs[-1] if runs else None
+            if last is not None and last[0] == index and last[1] + last[2] == offset:
+                last[2] += len(view)
+            else:
+                runs.append([index, offset, len(view)])
+        return runs
+
+    def _region_of(self, start: int, nbytes: int) -> int:
+        for index, region in enumerate(self._regions):
+            if region.base <= start and start + nbytes <= region.base + region.nbytes:
+                return index
+        raise KVTransferError("a KV block lies outside the shared cache")
+
+
+class _Mapped:
+    """One server's cache as this process maps it."""
+
+    def __init__(self, described: dict[str, Any]) -> None:
+        self.cache_id = str(described["id"])
+        pid = int(described["pid"])
+        self.maps: list[mmap.mmap] = []
+        try:
+            for fd, nbytes in described["regions"]:
+                with open(f"/proc/{pid}/fd/{int(fd)}", "rb") as f:
+                    self.maps.append(mmap.mmap(f.fileno(), int(nbytes), flags=_MAP_FLAGS,
+                                               prot=mmap.PROT_READ))
+        except BaseException:
+            self.close()
+            raise
+        self.used_at = time.monotonic()
+        self.users = 0
+
+    def close(self) -> None:
+        for m in self.maps:
+            try:
+                m.close()
+            except BufferError:
+                pass  # a view of it is still alive; it unmaps when collected
+        self.maps = []
+
+
+class PeerCaches:
+    """Decode side: the shared caches of the servers this worker pulls from, mapped."""
+
+    def __init__(self, idle_s: float = 60.0) -> None:
+        self._idle_s = idle_s
+        self._mapped: dict[Hashable, _Mapped] = {}
+        self.unusable: set[Hashable] = set()
+        """Servers whose cache this process could not map: asked for two copies."""
+        self._lock = threading.Lock()
+
+    def copy_runs(self, peer: Hashable, described: dict[str, Any], runs: list[list[int]],
+                  dest_views: Sequence[memoryview]) -> None:
+        """Copy `runs` of `peer`'s cache (as its reply `described` it) into `dest_views`.
+        Raises KVTransferError if it cannot be mapped (the peer is then `unusable`) or
+        the runs do not fit."""
+        mapped = self._acquire(peer, described)
+        try:
+            buffers = [memoryview(m) for m in mapped.maps]
+            try:
+                src = []
+                for region, offset, nbytes in runs:
+                    buf = buffers[region]
+                    if offset < 0 or nbytes < 0 or offset + nbytes > len(buf):
+                        raise KVTransferError(f"bad run {[region, offset, nbytes]}")
+                    src.append(buf[offset:offset + nbytes])
+                copy_views(src, dest_views)
+            except (IndexError, TypeError, ValueError) as e:
+                raise KVTransferError(f"bad runs of the shared cache: {e}") from e
+            finally:
+                del src
+                for buf in buffers:
+                    buf.release()
+        finally:
+            with self._lock:
+                mapped.users -= 1
+                mapped.used_at = time.monotonic()
+
+    def _acquire(self, peer: Hashable, described: dict[str, Any]) -> _Mapped:
+        closing = []
+        with self._lock:
+            now = time.monotonic()
+            for key, m in list(self._mapped.items()):
+                stale = key != peer and now - m.used_at > self._idle_s
+                restarted = key == peer and m.cache_id != str(described.get("id"))
+                if (stale or restarted) and m.users == 0:
+                    closing.append(self._mapped.pop(key))
+            mapped = self._mapped.get(peer)
+            if mapped is not None:
+                mapped.users += 1
+        for m in closing:
+            m.close()
+        if mapped is not None:
+            return mapped
+        try:
+            mapped = _Mapped(described)
+        except (OSError, KeyError, TypeError, ValueError) as e:
+            with self._lock:
+                self.unusable.add(peer)
+            logger.warning("cannot map the KV cache of %s (%s): its shm pulls copy twice "
+                           "from now on", peer, e)
+            raise KVTransferError(f"cannot map the peer's KV cache: {e}") from e
+        with self._lock:
+            kept = self._mapped.setdefault(peer, mapped)
+            kept.users += 1
+        if kept is not mapped:
+            mapped.close()  # another pull mapped it meanwhile
+        return kept
+
+    def drop(self, peer: Hashable) -> None:
+        """Unmap `peer`'s cache (a pull to it failed: it may be gone)."""
+        with self._lock:
+            mapped = self._mapped.get(peer)
+            if mapped is None or mapped.users:
+                return
+            del self._mapped[peer]
+        mapped.close()
+
+    def close(self) -> None:
+        """Unmap everything (at worker shutdown)."""
+        with self._lock:
+            mapped, self._mapped = list(self._mapped.values()), {}
+        for m in mapped:
+            m.close()
