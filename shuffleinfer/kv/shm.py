@@ -1,19 +1,23 @@
-"""The shm transport: same host only; block bytes go through a shared-memory segment.
+"""The shm transport: same host only; block bytes go through shared memory.
 
-The handshake is the tcp one over the same side channel; only the wire differs:
-1. the decode side takes a segment of its pool for this prefill server (`SegmentPool`:
-   one kept per pair and reused, grown when a pull needs more) and names it in the pull
-   header ("shm_name", "shm_bytes": the pull's size, "progress_bytes": see 2);
-2. the prefill server maps it (or reuses its mapping from the last pull,
-   `AttachedSegments`), grants the lease, copies the blocks in (one copy), saying
-   {"ok": true, "filled": N} each time another "progress_bytes" are in, and replies ok;
-3. the decode side copies each filled part into its own KV blocks (one copy) while the
-   server fills the next, so the two copies overlap; then it gives the segment back.
-In overlap mode the prefill's blocks already sit in a staging segment of the prefill
-worker's own (`staging.py`): to a header saying "staged_ok" the server replies with that
-segment's name and the pull's byte runs in it; the decode side maps it, copies the runs
-into its blocks (its one copy) and says {"op": "done"}, after which the server ends the
-lease and reuses the segment.
+The handshake is the tcp one over the same side channel; only the wire differs. The
+decode side's header offers every path it can take, and the server picks the first that
+applies:
+1. staged (overlap mode): the prefill's blocks already sit in a staging segment of the
+   prefill worker's own (`staging.py`); the server replies with its name and the pull's
+   byte runs in it;
+2. shared cache (a CPU cache, `shared_cache.py`): the server replies with how to map the
+   prefill's KV cache itself and the runs in it.
+   In both, the decode side maps what it is told (kept mapped between pulls), copies the
+   runs into its blocks (the one copy of the hand-over) and says {"op": "done"}, after
+   which the server ends the lease (and reuses the staging segment);
+3. two copies, when neither applies: the decode side takes a segment of its pool for
+   this prefill server (`SegmentPool`: one kept per pair and reused, grown when a pull
+   needs more) and names it in the header ("shm_name", "shm_bytes": the pull's size,
+   "progress_bytes"); the server maps it (`AttachedSegments`), grants the lease, copies
+   the blocks in, saying {"ok": true, "filled": N} each time another "progress_bytes"
+   are in, and replies ok; the decode side copies each filled part into its own blocks
+   while the server fills the next, then gives the segment back.
 A segment is in at most one pull at a time. A pull that failed in any way gives its
 segment up (unlinked at once): a server that stalled may still write into it later. The
 decode worker unlinks the rest at shutdown (`close`); see `shm_segments` for the
@@ -80,6 +84,8 @@ class ShmTransport(Transport):
         self._attached = AttachedSegments()
         self._connections = ConnectionPool()
         self._caches = PeerCaches()
+        self._direct: set[Peer] = set()
+        """Servers whose last pull came from their shared cache."""
 
     # --- decode side ----------------------------------------------------------------------
     def pull(self, peer: Peer, request: PullRequest, kv: KVCacheViews,
@@ -91,47 +97,57 @@ class ShmTransport(Transport):
 
     def pull_views(self, peer: Peer, request: PullRequest, dest_views: Sequence[memoryview],
                    timeout_s: float) -> int:
-        """Pull the requested blocks into `dest_views` (same order) through one of the
-        pool's segments; returns the bytes received. Raises KVTransferError naming the
+        """Pull the requested blocks into `dest_views` (same order); returns the bytes
+        received. A server that served the last pull from its shared cache is offered no
+        segment of the pool (one would sit idle). Raises KVTransferError naming the
         transfer on any failure, after giving the segment up."""
         nbytes = sum(len(v) for v in dest_views)
         segment: Segment | None = None
         ok = False
         try:
-            segment = self._pool.acquire(peer, nbytes)
             header = pull_header(request, "shm") | {
-                "shm_name": segment.name, "shm_bytes": nbytes,
-                "progress_bytes": progress_step(nbytes), "staged_ok": True,
-                "cache_ok": peer not in self._caches.unusable}
-            filler = Filler(segment.buf, dest_views)
+                "staged_ok": True, "cache_ok": peer not in self._caches.unusable}
+            if peer not in self._direct:
+                segment = self._pool.acquire(peer, nbytes)
+                header |= {"shm_name": segment.name, "shm_bytes": nbytes,
+                           "progress_bytes": progress_step(nbytes)}
             with self._connections.exchange(peer, header, self._auth_token,
                                             timeout_s) as (sock, reply):
                 if "staged" in reply or "cache" in reply:
-                    try:
-                        if "staged" in reply:
-                            self._copy_staged(reply, dest_views)
-                        else:
-                            self._caches.copy_runs(peer, reply["cache"], reply["runs"],
-                                                   dest_views)
-                    except BaseException:
-                        send_frame(sock, {"op": "failed"})  # ends the lease at once
-                        raise
-                    send_frame(sock, {"op": "done"})
-                    ok = True
-                    return nbytes
-                while "filled" in reply:  # a progress frame: copy out what is in
-                    filler.fill_to(int(reply["filled"]))
-                    reply = recv_ok(sock, f"pull of {request.transfer_id}")
-            filler.fill_to(nbytes)  # the rest (all of it, for a server that sent no progress)
+                    self._copy_mapped(peer, sock, reply, dest_views)
+                else:
+                    if segment is None:
+                        raise KVTransferError("the server no longer serves its cache")
+                    filler = Filler(segment.buf, dest_views)
+                    while "filled" in reply:  # a progress frame: copy out what is in
+                        filler.fill_to(int(reply["filled"]))
+                        reply = recv_ok(sock, f"pull of {request.transfer_id}")
+                    filler.fill_to(nbytes)  # the rest (all, if the server sent no progress)
             ok = True
             return nbytes
         except (OSError, ValueError, KVTransferError) as e:
             self._caches.drop(peer)  # the server may be gone: do not pin its memory
+            self._direct.discard(peer)
             raise KVTransferError(f"pull of {request.transfer_id} from {peer.host}:"
                                   f"{peer.port} by shm: {e}") from e
         finally:
-            if segment is not None:
-                self._pool.release(peer, segment, reusable=ok)
+            if segment is not None:  # not kept for a server that needs none
+                self._pool.release(peer, segment, reusable=ok and peer not in self._direct)
+
+    def _copy_mapped(self, peer: Peer, sock: socket.socket, reply: dict[str, Any],
+                     dest_views: Sequence[memoryview]) -> None:
+        """Copy the runs a reply names (in a staging segment, or the shared cache) into
+        `dest_views`, then tell the server, which ends the lease either way."""
+        try:
+            if "staged" in reply:
+                self._copy_staged(reply, dest_views)
+            else:
+                self._caches.copy_runs(peer, reply["cache"], reply["runs"], dest_views)
+                self._direct.add(peer)
+        except BaseException:
+            send_frame(sock, {"op": "failed"})  # ends the lease at once
+            raise
+        send_frame(sock, {"op": "done"})
 
     def _copy_staged(self, reply: dict[str, Any], dest_views: Sequence[memoryview]) -> None:
         """Copy a pull's runs out of the prefill's staging segment named in `reply`."""

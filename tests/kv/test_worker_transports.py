@@ -132,7 +132,8 @@ def test_shm_keeps_one_segment_per_prefill_and_unlinks_it_at_shutdown(
         make_worker: WorkerFactory) -> None:
     before = shm_segments()
     src, dst = kv_caches(0), kv_caches(1)
-    prefill = make_worker(src, lease_wait_s=0.2)
+    # Two copies through a segment: the path when the prefill's cache is not shared.
+    prefill = make_worker(src, lease_wait_s=0.2, share_cache=False)
     decode = make_worker(dst, transport="shm")
     d_steps = Steps(decode)
     kept = set()

@@ -1,0 +1,81 @@
+"""A CPU KV cache in shared memory: vLLM's views follow it when it moves, the decode side
+copies straight out of the prefill's cache while the lease holds, and a decode that
+cannot map it loses one pull (recomputed) and then copies through a segment."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from shuffleinfer.kv.shared_cache import SharedCache
+from shuffleinfer.kv.shm import ShmTransport
+from shuffleinfer.kv.transport import KVTransferError, Peer, PullRequest
+from tests.kv.conftest import (
+    FakeSource,
+    WorkerFactory,
+    as_bytes,
+    hand_over,
+    lease_and_load,
+    serve,
+    shm_segments,
+    vllm_kv_caches,
+)
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def test_views_taken_before_the_move_see_the_shared_memory() -> None:
+    caches = vllm_kv_caches(0, "LBHNC")
+    layer = next(iter(caches.values()))
+    held = layer[2]  # as an attention layer holds its cache
+    before = as_bytes(layer)
+    shared = SharedCache.share(caches)
+    assert layer.untyped_storage().is_shared()
+    assert as_bytes(layer) == before  # the bytes moved with it
+    held.fill_(7)  # the engine writes through the view it already had
+    (view,) = [memoryview(layer[2].view(torch.uint8).numpy().reshape(-1))]
+    runs = shared.runs([view])
+    assert len(runs) == 1 and runs[0][2] == len(view)
+
+
+def test_an_shm_pull_copies_straight_from_the_prefills_cache(
+        make_worker: WorkerFactory) -> None:
+    before = shm_segments()
+    src, dst = vllm_kv_caches(0, "LBHNC"), vllm_kv_caches(1, "LBHNC")
+    prefill = make_worker(src, block_dim=0)
+    decode = make_worker(dst, block_dim=0, transport="shm")
+    for i, (remote, local) in enumerate([((4, 5, 6), (0, 1, 2)), ((7, 1), (3, 6))]):
+        lease, load = lease_and_load(prefill, f"t-direct-{i}", remote=remote, local=local)
+        hand_over(prefill, decode, lease, load)
+        assert decode.get_block_ids_with_load_errors() == set()
+        for name in src:
+            for r, lb in zip(remote, local, strict=True):
+                assert as_bytes(dst[name][lb]) == as_bytes(src[name][r])
+    # No segment of the decode's carried the bytes: none is kept for this prefill (the
+    # two-copy path keeps one per prefill, test_worker_transports).
+    assert shm_segments() - before == set()
+
+
+class _UnmappableSource(FakeSource):
+    """Claims a shared cache no process can open (a pid that does not exist)."""
+
+    def shared_for_pull(self, request: PullRequest
+                        ) -> tuple[dict[str, object], list[list[int]]] | None:
+        self.requests.append(request)
+        return {"id": "x", "pid": 2**22 + 1, "regions": [[3, 4096]]}, [[0, 0, 10]]
+
+
+def test_a_decode_that_cannot_map_the_cache_fails_once_then_copies_twice() -> None:
+    source = _UnmappableSource({0: bytearray(b"k" * 10)})
+    transport = ShmTransport()
+    dest = bytearray(10)
+    with serve(source) as (host, port):
+        peer = Peer(host, port)
+        with pytest.raises(KVTransferError, match="cannot map"):
+            transport.pull_views(peer, PullRequest("t0", (0,), {}), [memoryview(dest)], 5)
+        assert source.done_event.wait(5)
+        assert source.done == [("t0", False)]  # the lease ended at once, not at expiry
+        transport.pull_views(peer, PullRequest("t1", (0,), {}), [memoryview(dest)], 5)
+    transport.close()
+    assert dest == b"k" * 10
+    assert source.done[-1] == ("t1", True)
