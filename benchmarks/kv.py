@@ -16,8 +16,9 @@ primitive it is built on, the machine's limit for it:
   buffer, `recv_into` one buffer): the goal is at least 0.7 of it.
 
 Each transport runs in both modes: whole (the prefill's blocks are read out of its cache
-when the decode pulls) and overlap (they were staged while the prefill ran; the pull reads
-the staged copy: shm maps the staging segment, one copy on the decode side).
+when the decode pulls; shm maps the prefill's cache, kept in shared memory, and copies
+once) and overlap (they were staged while the prefill ran; the pull reads the staged
+copy: shm maps the staging segment, one copy on the decode side).
 
 Then, unless `--skip-overhead`, what the hand-over costs a 2k-token prompt through real
 vLLM engines, disaggregated in both modes against one colocated engine

@@ -3,10 +3,13 @@ speed): hand blocks over by tcp and by shm, and the primitives they are built on
 
 A prefill worker (a real `ConnectorWorker` with its KV server) runs in a child process on
 CPU tensors shaped like the default model's cache (30 layers, 3 KV heads x 64 dims,
-float32, vLLM's CPU block size 128); this process pulls its leased blocks into its own
-cache through each transport in turn and checks the bytes of every round, in both modes:
-whole (the blocks are read out of the prefill's cache at pull time) and overlap (they were
-staged while the prefill ran, `staging.py`; only the pull is timed). Round 0 is not
+float32, vLLM's CPU block size 128; each side's cache holds twice the blocks handed
+over, so that one layer's blocks do not run on into the next's); this process pulls its
+leased blocks into its own cache through each transport in turn, over side-channel
+connections kept open as a serving decode keeps them, and checks the bytes of every
+round, in both modes: whole (the blocks are read out of the prefill's cache at pull
+time; by shm, straight out of its shared cache, `shared_cache.py`) and overlap (they
+were staged while the prefill ran, `staging.py`; only the pull is timed). Round 0 is not
 timed: it is where shm allocates the segments it then reuses. The limits: one thread's
 in-process memcpy of the same bytes, and a raw loopback socket stream from another
 process.
