@@ -4,7 +4,7 @@ minutes, watched for errors, lost requests, memory growth and stranded KV.
 Starts `shuffleinfer serve` (one prefill, one decode instance, as `compare` does), measures
 its capacity (requests completed per second when `--probe` requests of the trace arrive at
 once), then sends the trace at `--load` times that rate for M minutes while sampling every
-`--sample-s`: the server's memory (resident set of its whole process tree: api, Ray,
+`--sample-s`: the server's memory (proportional set size summed over its process tree: api, Ray,
 engines), every instance's free KV tokens and running requests, and the requests in
 flight. Afterwards it waits for the cluster to go idle and compares each instance's free
 KV with where it started.
@@ -38,9 +38,12 @@ from benchmarks.replay import build_workload
 from benchmarks.systems import EngineSettings, start_system, stop_system, wait_ready
 
 
-def tree_rss_mib(pid: int, labels: dict[int, str] | None = None,
+def tree_pss_mib(pid: int, labels: dict[int, str] | None = None,
                  instance_pids: dict[int, str] | None = None) -> dict[str, float]:
-    """Resident memory (MiB) of each process in the tree under `pid`, keyed by a label
+    """Proportional set size (MiB) of each process in the tree under `pid`: its private
+    pages plus its share of pages it maps with others, so the sum is what the tree really
+    holds (RSS would count the KV cache twice once a decode maps its prefill's shared
+    cache, and Ray's object store once per process). Keyed by a label
     ("<pid> [<instance>] <command>", as first seen: Ray renames an actor's process with
     the method it runs); `labels` keeps those first sightings across calls, and
     `instance_pids` (pid -> instance id, from /health) names the instance a process
@@ -52,7 +55,7 @@ def tree_rss_mib(pid: int, labels: dict[int, str] | None = None,
         procs = [root, *root.children(recursive=True)]
     except psutil.Error:
         return {}
-    rss = {}
+    pss = {}
     for p in procs:
         try:
             if p.pid not in labels:
@@ -62,10 +65,10 @@ def tree_rss_mib(pid: int, labels: dict[int, str] | None = None,
                 owner = next((instance_pids[a.pid] for a in [p, *p.parents()]
                               if a.pid in instance_pids), None)
                 labels[p.pid] = f"{p.pid} {f'[{owner}] ' if owner else ''}{command[:50]}"
-            rss[labels[p.pid]] = p.memory_info().rss / 2**20
+            pss[labels[p.pid]] = p.memory_full_info().pss / 2**20
         except psutil.Error:
             continue
-    return rss
+    return pss
 
 
 def instances(url: str) -> list[dict[str, Any]]:
@@ -95,9 +98,9 @@ class Sampler(threading.Thread):
                     row[f"running:{x['instance_id']}"] = x["num_running_reqs"]
             except (httpx.HTTPError, ValueError):
                 row["health_error"] = True
-            per_process = tree_rss_mib(self.pid, self._labels, self._instance_pids)
-            row["rss_mib"] = sum(per_process.values()) or float("nan")
-            row["rss_by_process"] = per_process
+            per_process = tree_pss_mib(self.pid, self._labels, self._instance_pids)
+            row["pss_mib"] = sum(per_process.values()) or float("nan")
+            row["pss_by_process"] = per_process
             self.rows.append(row)
             self._done.wait(self.every_s)
 
@@ -129,11 +132,11 @@ def capacity_rps(url: str, model: str, builder: PromptBuilder, workload: Any,
 
 def trend_mib_per_min(rows: list[dict[str, Any]]) -> float:
     """Least-squares slope of memory over the second half of the samples."""
-    half = [r for r in rows[len(rows) // 2:] if r["rss_mib"] == r["rss_mib"]]
+    half = [r for r in rows[len(rows) // 2:] if r["pss_mib"] == r["pss_mib"]]
     if len(half) < 3:
         return float("nan")
     t = np.array([r["t_s"] for r in half]) / 60
-    return float(np.polyfit(t, np.array([r["rss_mib"] for r in half]), 1)[0])
+    return float(np.polyfit(t, np.array([r["pss_mib"] for r in half]), 1)[0])
 
 
 def growth_by_process(rows: list[dict[str, Any]], top: int = 6) -> dict[str, dict[str, float]]:
@@ -141,11 +144,11 @@ def growth_by_process(rows: list[dict[str, Any]], top: int = 6) -> dict[str, dic
     their start, end and trend (MiB per minute over the second half)."""
     if not rows:
         return {}
-    first, last = rows[0]["rss_by_process"], rows[-1]["rss_by_process"]
+    first, last = rows[0]["pss_by_process"], rows[-1]["pss_by_process"]
     grown = sorted((k for k in first if k in last), key=lambda k: first[k] - last[k])[:top]
     return {k: {"start_mib": round(first[k], 1), "end_mib": round(last[k], 1),
                 "trend_mib_per_min": round(trend_mib_per_min(
-                    [{"t_s": r["t_s"], "rss_mib": r["rss_by_process"].get(k, float("nan"))}
+                    [{"t_s": r["t_s"], "pss_mib": r["pss_by_process"].get(k, float("nan"))}
                      for r in rows]), 2)}
             for k in grown}
 
@@ -158,8 +161,8 @@ def plot(rows: list[dict[str, Any]], load_window: tuple[float, float], path: Pat
 
     t = [r["t_s"] / 60 for r in rows]
     fig, (mem, kv, run) = plt.subplots(3, 1, figsize=(9, 8), sharex=True)
-    mem.plot(t, [r["rss_mib"] for r in rows])
-    mem.set_ylabel("server memory (MiB)")
+    mem.plot(t, [r["pss_mib"] for r in rows])
+    mem.set_ylabel("server memory, PSS (MiB)")
     keys = sorted({k.split(":", 1)[1] for r in rows for k in r if k.startswith("free_kv:")})
     for key in keys:
         kv.plot(t, [r.get(f"free_kv:{key}") for r in rows], label=key)
@@ -220,8 +223,8 @@ def run_soak(args: argparse.Namespace) -> int:
         "load": args.load, "rate_rps": args.rate, "sent": len(records),
         "completed": sum(r.ok for r in records),
         "failed": sum(not r.ok for r in records) - lost, "lost": lost,
-        "memory_mib_start": under_load[0]["rss_mib"] if under_load else None,
-        "memory_mib_end": under_load[-1]["rss_mib"] if under_load else None,
+        "memory_mib_start": under_load[0]["pss_mib"] if under_load else None,
+        "memory_mib_end": under_load[-1]["pss_mib"] if under_load else None,
         "memory_trend_mib_per_min": trend_mib_per_min(under_load),
         "memory_by_process": growth_by_process(under_load),
         "free_kv_before": before, "free_kv_after": after, "kv_back": before == after,
