@@ -7,7 +7,8 @@ shared memory, the decode side copies the prefill's blocks straight into its own
    allocation of the cache tensors (vLLM 0.32 makes one) moves into a shared-memory file
    in place, through torch's own `share_memory_` machinery: every view of it, the
    attention layers' included, then sees the new memory. The file is already unlinked;
-   only the worker's descriptor names it, so nothing is ever left in /dev/shm.
+   only the worker's descriptor names it, so nothing is ever left in /dev/shm. If
+   /dev/shm is too small for it, the cache stays private and shm copies twice.
 2. a pull: the server grants the lease and replies with the cache's regions (pid and
    descriptor) and the pull's byte runs in them; the decode side maps each region
    read-only through /proc/<pid>/fd/<fd> (`PeerCaches`, kept between pulls), copies the
@@ -35,6 +36,7 @@ import numpy as np
 import torch
 
 from shuffleinfer.kv.errors import KVTransferError
+from shuffleinfer.kv.shm_segments import SHM_DIR
 from shuffleinfer.kv.staging import copy_views
 
 logger = logging.getLogger(__name__)
@@ -66,10 +68,13 @@ class SharedCache:
         """What a pull's reply says of the cache, for the decode side to map it."""
 
     @classmethod
-    def share(cls, kv_caches: dict[str, torch.Tensor]) -> SharedCache:
+    def share(cls, kv_caches: dict[str, torch.Tensor]) -> SharedCache | None:
         """Called once when vLLM registers its KV cache, before any view of its memory is
         taken (numpy views would keep the old address): move each distinct backing
-        allocation of the CPU tensors into shared memory, in place. Raises ValueError for
+        allocation of the CPU tensors into shared memory, in place. Returns None, cache
+        untouched, when /dev/shm has not twice the cache's size free (a container's
+        default is 64 MiB, and writing past a full tmpfs kills the process; twice leaves
+        room for a second engine starting beside this one). Raises ValueError for
         tensors not on the CPU."""
         storages: dict[int, torch.UntypedStorage] = {}
         for name, tensor in kv_caches.items():
@@ -77,6 +82,13 @@ class SharedCache:
                 raise ValueError(f"KV cache of {name} is on {tensor.device}, not the CPU")
             storage = tensor.untyped_storage()
             storages.setdefault(storage.data_ptr(), storage)
+        nbytes = sum(s.nbytes() for s in storages.values() if not s.is_shared())
+        free = shm_free_bytes()
+        if free < 2 * nbytes:
+            logger.warning("the KV cache (%d MiB) stays private: %s has %d MiB free, less "
+                           "than twice that; shm pulls copy twice", nbytes >> 20, SHM_DIR,
+                           free >> 20)
+            return None
         regions = []
         for storage in storages.values():
             fd, nbytes = storage._share_fd_cpu_()  # moves it, unless already shared
@@ -103,6 +115,15 @@ class SharedCache:
             if region.base <= start and start + nbytes <= region.base + region.nbytes:
                 return index
         raise KVTransferError("a KV block lies outside the shared cache")
+
+
+def shm_free_bytes() -> int:
+    """Bytes free in /dev/shm (0 if it cannot be read)."""
+    try:
+        st = os.statvfs(SHM_DIR)
+    except OSError:
+        return 0
+    return st.f_bavail * st.f_frsize
 
 
 class _Mapped:

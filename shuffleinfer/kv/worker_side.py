@@ -107,7 +107,7 @@ class ConnectorWorker(KVSource):
         (`block_views.find_block_dim`). Raises ValueError for caches it cannot serve."""
         if self._share_cache and all(t.device.type == "cpu" for t in kv_caches.values()):
             # First: views taken before would keep pointing at the old memory.
-            self._shared = SharedCache.share(kv_caches)
+            self._shared = SharedCache.share(kv_caches)  # None: /dev/shm too small
         self._kv = KVCacheViews(kv_caches, num_blocks=num_blocks, block_dim=block_dim,
                                 stage_through_host=self._stage_through_host,
                                 identity=self._identity)

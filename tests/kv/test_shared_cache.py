@@ -79,3 +79,17 @@ def test_a_decode_that_cannot_map_the_cache_fails_once_then_copies_twice() -> No
     transport.close()
     assert dest == b"k" * 10
     assert source.done[-1] == ("t1", True)
+
+
+def test_a_cache_too_big_for_dev_shm_stays_private(monkeypatch: pytest.MonkeyPatch) -> None:
+    from shuffleinfer.kv import shared_cache
+
+    caches = vllm_kv_caches(0, "LBHNC")
+    layer = next(iter(caches.values()))
+    needed = layer.untyped_storage().nbytes()
+    monkeypatch.setattr(shared_cache, "shm_free_bytes", lambda: 2 * needed - 1)
+    assert SharedCache.share(caches) is None
+    assert not layer.untyped_storage().is_shared()
+    monkeypatch.setattr(shared_cache, "shm_free_bytes", lambda: 2 * needed)
+    assert SharedCache.share(caches) is not None
+    assert layer.untyped_storage().is_shared()
