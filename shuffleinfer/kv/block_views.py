@@ -91,6 +91,23 @@ class _LayerBlocks:
                 start = i
         return views
 
+    def host_spans(self, block_ids: tuple[int, ...]) -> list[tuple[int, int]]:
+        """(address, bytes) of each of `host_views(block_ids)`, found without making the
+        views (for copies by address: a pull's few hundred views cost ~0.1 ms)."""
+        rows = self.host_rows
+        if rows is None:
+            return [(run.data_ptr(), run.numel()) for b in block_ids for run in self.runs(b)]
+        base, stride, size = self.blocks.data_ptr(), self.blocks.stride(0), rows.shape[1]
+        if stride != size:
+            return [(base + b * stride, size) for b in block_ids]
+        spans = []
+        start = 0
+        for i in range(1, len(block_ids) + 1):
+            if i == len(block_ids) or block_ids[i] != block_ids[i - 1] + 1:
+                spans.append((base + block_ids[start] * stride, (i - start) * size))
+                start = i
+        return spans
+
     def runs(self, block_id: int) -> list[torch.Tensor]:
         """The block's contiguous runs as 1-D uint8 views, in memory order."""
         block = self.blocks[block_id]
@@ -268,6 +285,13 @@ class KVCacheViews:
         flat = staged.numpy()
         return [flat[layer, i].data for layer in range(len(self._layers))
                 for i in range(len(block_ids))]
+
+    def host_spans(self, block_ids: tuple[int, ...]) -> list[tuple[int, int]]:
+        """(address, bytes) of each of `read_views(block_ids)` (the same spans receive a
+        pull by address); host-memory caches only (`stage` False)."""
+        if self.stage:
+            raise ValueError("a cache staged through host memory has no host spans")
+        return [span for layer in self._layers for span in layer.host_spans(block_ids)]
 
     def layer_views(self, block_ids: tuple[int, ...]) -> list[list[memoryview]]:
         """`read_views` of a host-memory cache, layer by layer."""

@@ -22,6 +22,7 @@ shared memory, the decode side copies the prefill's blocks straight into its own
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import mmap
 import os
@@ -37,7 +38,6 @@ import torch
 
 from shuffleinfer.kv.errors import KVTransferError
 from shuffleinfer.kv.shm_segments import SHM_DIR
-from shuffleinfer.kv.staging import copy_views
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +47,26 @@ _MAP_FLAGS = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
 def address_of(view: memoryview) -> int:
     """Where a host-memory view's first byte is."""
     return int(np.frombuffer(view, np.uint8).ctypes.data) if len(view) else 0
+
+
+def copy_spans(src: Sequence[tuple[int, int]], dst: Sequence[tuple[int, int]]) -> int:
+    """Copy the bytes at the (address, nbytes) spans `src`, one after the other, to the
+    spans `dst`; both must hold the same number of bytes (checked). memmove by address,
+    without the GIL; the caller vouches that every span is mapped memory of this process
+    and `dst` is writable."""
+    total = sum(n for _, n in src)
+    if total != sum(n for _, n in dst):
+        raise KVTransferError(f"{total} bytes cannot fill {sum(n for _, n in dst)}")
+    si = di = s_off = d_off = 0
+    while si < len(src) and di < len(dst):
+        n = min(src[si][1] - s_off, dst[di][1] - d_off)
+        ctypes.memmove(dst[di][0] + d_off, src[si][0] + s_off, n)
+        s_off, d_off = s_off + n, d_off + n
+        if s_off == src[si][1]:
+            si, s_off = si + 1, 0
+        if d_off == dst[di][1]:
+            di, d_off = di + 1, 0
+    return total
 
 
 @dataclass(frozen=True)
@@ -95,19 +115,19 @@ class SharedCache:
             regions.append(_Region(storage.data_ptr(), int(nbytes), int(fd)))
         return cls(regions)
 
-    def runs(self, views: Sequence[memoryview]) -> list[list[int]]:
-        """[region, offset, nbytes] for each of `views` (host views of the cache), in
-        order, neighbours in memory merged. Raises KVTransferError for a view outside."""
+    def runs(self, spans: Sequence[tuple[int, int]]) -> list[list[int]]:
+        """[region, offset, nbytes] for each (address, nbytes) of `spans` (parts of the
+        cache), in order, neighbours in memory merged. Raises KVTransferError for a span
+        outside the cache."""
         runs: list[list[int]] = []
-        for view in views:
-            start = address_of(view)
-            index = self._region_of(start, len(view))
+        for start, nbytes in spans:
+            index = self._region_of(start, nbytes)
             offset = start - self._regions[index].base
             last = runs[-1] if runs else None
             if last is not None and last[0] == index and last[1] + last[2] == offset:
-                last[2] += len(view)
+                last[2] += nbytes
             else:
-                runs.append([index, offset, len(view)])
+                runs.append([index, offset, nbytes])
         return runs
 
     def _region_of(self, start: int, nbytes: int) -> int:
@@ -141,6 +161,7 @@ class _Mapped:
         except BaseException:
             self.close()
             raise
+        self.addresses = [address_of(memoryview(m)) for m in self.maps]
         self.used_at = time.monotonic()
         self.users = 0
 
@@ -162,33 +183,36 @@ class PeerCaches:
         self.unusable: set[Hashable] = set()
         """Servers whose cache this process could not map: asked for two copies."""
         self._lock = threading.Lock()
+        self._closed = False
 
     def copy_runs(self, peer: Hashable, described: dict[str, Any], runs: list[list[int]],
-                  dest_views: Sequence[memoryview]) -> None:
-        """Copy `runs` of `peer`'s cache (as its reply `described` it) into `dest_views`.
-        Raises KVTransferError if it cannot be mapped (the peer is then `unusable`) or
-        the runs do not fit."""
+                  dest: Sequence[tuple[int, int]]) -> None:
+        """Copy `runs` of `peer`'s cache (as its reply `described` it) to the (address,
+        nbytes) spans `dest`, which must be writable memory of this process holding as
+        many bytes. Raises KVTransferError if the cache cannot be mapped (the peer is
+        then `unusable`) or the runs do not fit in it or do not fill `dest`."""
         mapped = self._acquire(peer, described)
         try:
-            buffers = [memoryview(m) for m in mapped.maps]
-            try:
-                src = []
-                for region, offset, nbytes in runs:
-                    buf = buffers[region]
-                    if offset < 0 or nbytes < 0 or offset + nbytes > len(buf):
-                        raise KVTransferError(f"bad run {[region, offset, nbytes]}")
-                    src.append(buf[offset:offset + nbytes])
-                copy_views(src, dest_views)
-            except (IndexError, TypeError, ValueError) as e:
-                raise KVTransferError(f"bad runs of the shared cache: {e}") from e
-            finally:
-                del src
-                for buf in buffers:
-                    buf.release()
+            src = []
+            for run in runs:
+                region, offset, nbytes = (int(x) for x in run)
+                if not (0 <= region < len(mapped.maps) and 0 <= offset and 0 <= nbytes
+                        and offset + nbytes <= len(mapped.maps[region])):
+                    raise KVTransferError(f"bad run {run} of the shared cache")
+                src.append((mapped.addresses[region] + offset, nbytes))
+            copy_spans(src, dest)
+        except (TypeError, ValueError) as e:
+            raise KVTransferError(f"bad runs of the shared cache: {e}") from e
         finally:
-            with self._lock:
-                mapped.users -= 1
-                mapped.used_at = time.monotonic()
+            self._let_go(mapped)
+
+    def _let_go(self, mapped: _Mapped) -> None:
+        with self._lock:
+            mapped.users -= 1
+            mapped.used_at = time.monotonic()
+            orphaned = self._closed and mapped.users == 0
+        if orphaned:
+            mapped.close()
 
     def _acquire(self, peer: Hashable, described: dict[str, Any]) -> _Mapped:
         closing = []
@@ -231,8 +255,12 @@ class PeerCaches:
         mapped.close()
 
     def close(self) -> None:
-        """Unmap everything (at worker shutdown)."""
+        """Unmap everything (at worker shutdown); a mapping a pull still copies from is
+        unmapped when that copy ends (it copies by address: unmapping under it would
+        crash the process)."""
         with self._lock:
+            self._closed = True
             mapped, self._mapped = list(self._mapped.values()), {}
-        for m in mapped:
+            idle = [m for m in mapped if m.users == 0]
+        for m in idle:
             m.close()

@@ -34,7 +34,7 @@ from typing import Any
 from shuffleinfer.kv.block_views import KVCacheViews
 from shuffleinfer.kv.channel import recv_frame, recv_ok, send_frame
 from shuffleinfer.kv.connections import ConnectionPool
-from shuffleinfer.kv.shared_cache import PeerCaches
+from shuffleinfer.kv.shared_cache import PeerCaches, address_of
 from shuffleinfer.kv.shm_segments import AttachedSegments, Segment, SegmentPool
 from shuffleinfer.kv.staging import copy_views
 from shuffleinfer.kv.tcp import pull_header
@@ -91,16 +91,20 @@ class ShmTransport(Transport):
     def pull(self, peer: Peer, request: PullRequest, kv: KVCacheViews,
              local_block_ids: tuple[int, ...], timeout_s: float) -> int:
         dest = kv.write_views(local_block_ids)
-        nbytes = self.pull_views(peer, request, dest.views, timeout_s)
+        spans = None if kv.stage else kv.host_spans(local_block_ids)
+        nbytes = self.pull_views(peer, request, dest.views, timeout_s, spans)
         dest.commit()
         return nbytes
 
     def pull_views(self, peer: Peer, request: PullRequest, dest_views: Sequence[memoryview],
-                   timeout_s: float) -> int:
+                   timeout_s: float, dest_spans: Sequence[tuple[int, int]] | None = None
+                   ) -> int:
         """Pull the requested blocks into `dest_views` (same order); returns the bytes
-        received. A server that served the last pull from its shared cache is offered no
-        segment of the pool (one would sit idle). Raises KVTransferError naming the
-        transfer on any failure, after giving the segment up."""
+        received. `dest_spans`: the views' (address, nbytes), if the caller has them
+        cheaper than from the views. A server that served the last pull from its shared
+        cache is offered no segment of the pool (one would sit idle). Raises
+        KVTransferError naming the transfer on any failure, after giving the segment
+        up."""
         nbytes = sum(len(v) for v in dest_views)
         segment: Segment | None = None
         ok = False
@@ -114,7 +118,7 @@ class ShmTransport(Transport):
             with self._connections.exchange(peer, header, self._auth_token,
                                             timeout_s) as (sock, reply):
                 if "staged" in reply or "cache" in reply:
-                    self._copy_mapped(peer, sock, reply, dest_views)
+                    self._copy_mapped(peer, sock, reply, dest_views, dest_spans)
                 else:
                     if segment is None:
                         raise KVTransferError("the server no longer serves its cache")
@@ -135,14 +139,17 @@ class ShmTransport(Transport):
                 self._pool.release(peer, segment, reusable=ok and peer not in self._direct)
 
     def _copy_mapped(self, peer: Peer, sock: socket.socket, reply: dict[str, Any],
-                     dest_views: Sequence[memoryview]) -> None:
+                     dest_views: Sequence[memoryview],
+                     dest_spans: Sequence[tuple[int, int]] | None) -> None:
         """Copy the runs a reply names (in a staging segment, or the shared cache) into
         `dest_views`, then tell the server, which ends the lease either way."""
         try:
             if "staged" in reply:
                 self._copy_staged(reply, dest_views)
             else:
-                self._caches.copy_runs(peer, reply["cache"], reply["runs"], dest_views)
+                spans = dest_spans if dest_spans is not None else \
+                    [(address_of(v), len(v)) for v in dest_views]
+                self._caches.copy_runs(peer, reply["cache"], reply["runs"], spans)
                 self._direct.add(peer)
         except BaseException:
             send_frame(sock, {"op": "failed"})  # ends the lease at once

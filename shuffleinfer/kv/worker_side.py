@@ -258,7 +258,7 @@ class ConnectorWorker(KVSource):
         self._grant(request, rows=False)
         try:
             return self._shared.described, self._shared.runs(
-                self._require_kv().read_views(request.block_ids))
+                self._require_kv().host_spans(request.block_ids))
         except BaseException:
             self.on_pull_done(request.transfer_id, False)
             raise

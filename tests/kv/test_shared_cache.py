@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from shuffleinfer.kv.shared_cache import SharedCache
+from shuffleinfer.kv.shared_cache import PeerCaches, SharedCache, address_of
 from shuffleinfer.kv.shm import ShmTransport
 from shuffleinfer.kv.transport import KVTransferError, Peer, PullRequest
 from tests.kv.conftest import (
@@ -33,9 +33,14 @@ def test_views_taken_before_the_move_see_the_shared_memory() -> None:
     assert layer.untyped_storage().is_shared()
     assert as_bytes(layer) == before  # the bytes moved with it
     held.fill_(7)  # the engine writes through the view it already had
-    (view,) = [memoryview(layer[2].view(torch.uint8).numpy().reshape(-1))]
-    runs = shared.runs([view])
-    assert len(runs) == 1 and runs[0][2] == len(view)
+    # ... and a process mapping the shared memory, as a decode does, reads it there.
+    block = layer[2].view(torch.uint8).reshape(-1)
+    runs = shared.runs([(block.data_ptr(), block.numel())])
+    dest = bytearray(block.numel())
+    caches = PeerCaches()
+    caches.copy_runs("me", shared.described, runs, [(address_of(memoryview(dest)), len(dest))])
+    caches.close()
+    assert bytes(dest) == as_bytes(layer[2]) != before[:len(dest)]
 
 
 def test_an_shm_pull_copies_straight_from_the_prefills_cache(
