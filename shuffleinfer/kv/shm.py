@@ -171,25 +171,13 @@ class ShmTransport(Transport):
     # --- prefill side ---------------------------------------------------------------------
     def serve_pull(self, sock: socket.socket, header: dict[str, Any],
                    request: PullRequest, source: KVSource) -> bool:
-        if header.get("staged_ok") is True:
-            try:
-                staged = source.staged_for_pull(request)
-            except KVTransferError as e:
-                send_frame(sock, {"ok": False, "error": str(e)})
-                return True
-            if staged is not None:
-                return _serve_mapped(sock, {"staged": staged.segment.name,
-                                            "runs": staged.runs}, request, source)
-        if header.get("cache_ok") is True:
-            try:
-                shared = source.shared_for_pull(request)
-            except KVTransferError as e:
-                send_frame(sock, {"ok": False, "error": str(e)})
-                return True
-            if shared is not None:
-                described, runs = shared
-                return _serve_mapped(sock, {"cache": described, "runs": runs}, request,
-                                     source)
+        try:
+            where = _where_mapped(header, request, source)
+        except KVTransferError as e:
+            send_frame(sock, {"ok": False, "error": str(e)})
+            return True
+        if where is not None:
+            return _serve_mapped(sock, where, request, source)
         try:
             segment = self._attached.acquire(header.get("shm_name"), header.get("shm_bytes"))
         except KVTransferError as e:
@@ -223,6 +211,23 @@ class ShmTransport(Transport):
         self._attached.close()
         self._connections.close()
         self._caches.close()
+
+
+def _where_mapped(header: dict[str, Any], request: PullRequest, source: KVSource
+                  ) -> dict[str, Any] | None:
+    """Where the client may map the pull's bytes from, as far as its header allows, with
+    the lease granted: a staging segment first, then the shared cache; None (lease
+    untouched) if neither. Raises KVTransferError to refuse (lease untouched)."""
+    if header.get("staged_ok") is True:
+        staged = source.staged_for_pull(request)
+        if staged is not None:
+            return {"staged": staged.segment.name, "runs": staged.runs}
+    if header.get("cache_ok") is True:
+        shared = source.shared_for_pull(request)
+        if shared is not None:
+            described, runs = shared
+            return {"cache": described, "runs": runs}
+    return None
 
 
 def _serve_mapped(sock: socket.socket, where: dict[str, Any], request: PullRequest,
