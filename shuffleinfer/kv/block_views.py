@@ -61,6 +61,17 @@ class BlockFormat:
     """Bytes of each contiguous run of a block (= block_bytes when it is one run)."""
 
 
+def _stretches(block_ids: tuple[int, ...]) -> list[tuple[int, int]]:
+    """(first id, count) of each stretch of consecutive ids in `block_ids`, in order."""
+    stretches: list[tuple[int, int]] = []
+    for b in block_ids:
+        if stretches and stretches[-1][0] + stretches[-1][1] == b:
+            stretches[-1] = (stretches[-1][0], stretches[-1][1] + 1)
+        else:
+            stretches.append((b, 1))
+    return stretches
+
+
 @dataclass(frozen=True)
 class _LayerBlocks:
     """One layer's cache as bytes: dim 0 the block, the others in memory order."""
@@ -82,14 +93,8 @@ class _LayerBlocks:
             return [run.numpy().data for b in block_ids for run in self.runs(b)]
         if rows.strides[0] != rows.shape[1]:
             return [rows[b].data for b in block_ids]
-        views = []
-        start = 0
-        for i in range(1, len(block_ids) + 1):
-            if i == len(block_ids) or block_ids[i] != block_ids[i - 1] + 1:
-                first = block_ids[start]
-                views.append(rows[first:first + i - start].reshape(-1).data)
-                start = i
-        return views
+        return [rows[first:first + count].reshape(-1).data
+                for first, count in _stretches(block_ids)]
 
     def host_spans(self, block_ids: tuple[int, ...]) -> list[tuple[int, int]]:
         """(address, bytes) of each of `host_views(block_ids)`, found without making the
@@ -100,13 +105,8 @@ class _LayerBlocks:
         base, stride, size = self.blocks.data_ptr(), self.blocks.stride(0), rows.shape[1]
         if stride != size:
             return [(base + b * stride, size) for b in block_ids]
-        spans = []
-        start = 0
-        for i in range(1, len(block_ids) + 1):
-            if i == len(block_ids) or block_ids[i] != block_ids[i - 1] + 1:
-                spans.append((base + block_ids[start] * stride, (i - start) * size))
-                start = i
-        return spans
+        return [(base + first * stride, count * size)
+                for first, count in _stretches(block_ids)]
 
     def runs(self, block_id: int) -> list[torch.Tensor]:
         """The block's contiguous runs as 1-D uint8 views, in memory order."""
@@ -300,8 +300,7 @@ class KVCacheViews:
     def write_views(self, block_ids: tuple[int, ...]) -> PendingWrite:
         """Where to receive the bytes of `block_ids` (same byte order as `read_views`)."""
         if not self.stage:
-            return PendingWrite([view for layer in self._layers
-                                 for view in layer.host_views(block_ids)])
+            return PendingWrite(self.read_views(block_ids))  # the same memory
         staging = torch.empty(len(self._layers), len(block_ids), self.block_bytes,
                               dtype=torch.uint8)
         flat = staging.numpy()

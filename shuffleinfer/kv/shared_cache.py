@@ -38,6 +38,7 @@ import torch
 
 from shuffleinfer.kv.errors import KVTransferError
 from shuffleinfer.kv.shm_segments import SHM_DIR
+from shuffleinfer.kv.staging import pieces
 
 logger = logging.getLogger(__name__)
 
@@ -51,22 +52,13 @@ def address_of(view: memoryview) -> int:
 
 def copy_spans(src: Sequence[tuple[int, int]], dst: Sequence[tuple[int, int]]) -> int:
     """Copy the bytes at the (address, nbytes) spans `src`, one after the other, to the
-    spans `dst`; both must hold the same number of bytes (checked). memmove by address,
-    without the GIL; the caller vouches that every span is mapped memory of this process
-    and `dst` is writable."""
-    total = sum(n for _, n in src)
-    if total != sum(n for _, n in dst):
-        raise KVTransferError(f"{total} bytes cannot fill {sum(n for _, n in dst)}")
-    si = di = s_off = d_off = 0
-    while si < len(src) and di < len(dst):
-        n = min(src[si][1] - s_off, dst[di][1] - d_off)
+    spans `dst`; both must hold the same number of bytes (else ValueError). memmove by
+    address, without the GIL; the caller vouches that every span is mapped memory of
+    this process and `dst` is writable."""
+    plan = list(pieces([n for _, n in src], [n for _, n in dst]))
+    for si, s_off, di, d_off, n in plan:
         ctypes.memmove(dst[di][0] + d_off, src[si][0] + s_off, n)
-        s_off, d_off = s_off + n, d_off + n
-        if s_off == src[si][1]:
-            si, s_off = si + 1, 0
-        if d_off == dst[di][1]:
-            di, d_off = di + 1, 0
-    return total
+    return sum(n for _, n in src)
 
 
 @dataclass(frozen=True)
@@ -111,8 +103,8 @@ class SharedCache:
             return None
         regions = []
         for storage in storages.values():
-            fd, nbytes = storage._share_fd_cpu_()  # moves it, unless already shared
-            regions.append(_Region(storage.data_ptr(), int(nbytes), int(fd)))
+            fd, size = storage._share_fd_cpu_()  # moves it, unless already shared
+            regions.append(_Region(storage.data_ptr(), int(size), int(fd)))
         return cls(regions)
 
     def runs(self, spans: Sequence[tuple[int, int]]) -> list[list[int]]:

@@ -240,7 +240,7 @@ def _serve_mapped(sock: socket.socket, where: dict[str, Any], request: PullReque
         send_frame(sock, {"ok": True, "error": None} | where)
         ok = recv_frame(sock).get("op") == "done"
     except (OSError, ValueError, KVTransferError) as e:
-        logger.warning("KV pull %s by shm (staged) failed: %s", request.transfer_id, e)
+        logger.warning("KV pull %s by shm (mapped) failed: %s", request.transfer_id, e)
     finally:
         source.on_pull_done(request.transfer_id, ok)
     return ok

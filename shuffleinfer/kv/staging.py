@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -62,23 +62,33 @@ class StagedRuns:
         return [self.segment.buf[offset:offset + n] for offset, n in self.runs]
 
 
+def pieces(src_sizes: Sequence[int], dst_sizes: Sequence[int]
+           ) -> Iterator[tuple[int, int, int, int, int]]:
+    """How to copy buffers of `src_sizes` bytes, one after the other, into buffers of
+    `dst_sizes`: (src index, offset in it, dst index, offset in it, bytes) per piece.
+    Raises ValueError, before any piece, unless both hold the same number of bytes."""
+    total = sum(src_sizes)
+    if total != sum(dst_sizes):
+        raise ValueError(f"{total} bytes cannot fill {sum(dst_sizes)}")
+    si = di = s_off = d_off = 0
+    while si < len(src_sizes) and di < len(dst_sizes):
+        n = min(src_sizes[si] - s_off, dst_sizes[di] - d_off)
+        yield si, s_off, di, d_off, n
+        s_off, d_off = s_off + n, d_off + n
+        if s_off == src_sizes[si]:
+            si, s_off = si + 1, 0
+        if d_off == dst_sizes[di]:
+            di, d_off = di + 1, 0
+
+
 def copy_views(src: Sequence[memoryview], dst: Sequence[memoryview]) -> int:
     """Copy the bytes of `src` (one after the other) into `dst` (one after the other);
     both must hold the same number of bytes. numpy copies without the GIL."""
-    total = sum(len(v) for v in src)
-    if total != sum(len(v) for v in dst):
-        raise ValueError(f"{total} bytes cannot fill {sum(len(v) for v in dst)}")
-    si = di = s_off = d_off = 0
-    while si < len(src) and di < len(dst):
-        n = min(len(src[si]) - s_off, len(dst[di]) - d_off)
+    plan = list(pieces([len(v) for v in src], [len(v) for v in dst]))
+    for si, s_off, di, d_off, n in plan:
         np.copyto(np.frombuffer(dst[di], np.uint8, n, d_off),
                   np.frombuffer(src[si], np.uint8, n, s_off))
-        s_off, d_off = s_off + n, d_off + n
-        if s_off == len(src[si]):
-            si, s_off = si + 1, 0
-        if d_off == len(dst[di]):
-            di, d_off = di + 1, 0
-    return total
+    return sum(len(v) for v in src)
 
 
 def _wait(copies: Sequence[Future[None]]) -> bool:
