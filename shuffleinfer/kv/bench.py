@@ -172,16 +172,30 @@ def _run_blocks(num_blocks: int, rounds: int, shape: CacheShape,
             proc.kill()
 
 
-def memcpy_seconds(nbytes: int, rounds: int, all_cores: bool = False) -> list[float]:
+EVICT_BYTES = 512 << 20
+"""Bytes read between the rounds of a cold-source memcpy: well over this machine's
+caches (its L3 holds about 40 MiB of copies, though it reports 260 MiB)."""
+
+
+def memcpy_seconds(nbytes: int, rounds: int, all_cores: bool = False,
+                   cold_source: bool = False) -> list[float]:
     """Seconds per copy of `nbytes` from one buffer to another in this process: one
     thread's memcpy (numpy's copy, as each side of the shm transport copies), the limit
     shm is held against; or with `all_cores`, torch's copy split across every core (for
-    reference: an engine's worker has one core)."""
+    reference: an engine's worker has one core). With `cold_source`, the caches are
+    flushed out before each copy (by reading `EVICT_BYTES`) and the destination is then
+    written, as a pull's source is memory this core has not touched since the prefill
+    wrote it while its destination blocks were just zeroed; otherwise the same two
+    buffers are copied round after round and stay in cache while they fit."""
     src = np.ones(nbytes, dtype=np.uint8)
     dst = np.zeros_like(src)
     src_t, dst_t = torch.from_numpy(src), torch.from_numpy(dst)
+    evict = np.ones(EVICT_BYTES if cold_source else 0, dtype=np.uint8)
     times = []
     for _ in range(rounds + 1):
+        if cold_source:
+            evict.sum(dtype=np.uint64)
+            dst.fill(0)
         started = time.perf_counter()
         if all_cores:
             dst_t.copy_(src_t)

@@ -72,6 +72,17 @@ def _stretches(block_ids: tuple[int, ...]) -> list[tuple[int, int]]:
     return stretches
 
 
+def block_spans(geometry: tuple[int, int, int], block_ids: tuple[int, ...]
+                ) -> list[tuple[int, int]]:
+    """(start, bytes) of the blocks `block_ids` of a layer whose block 0 starts at
+    `start`, blocks `stride` bytes apart and `size` long (`geometry`), in order: one span
+    per stretch of consecutive ids when blocks lie back to back, else one per block."""
+    start, stride, size = geometry
+    if stride != size:
+        return [(start + b * stride, size) for b in block_ids]
+    return [(start + first * stride, count * size) for first, count in _stretches(block_ids)]
+
+
 @dataclass(frozen=True)
 class _LayerBlocks:
     """One layer's cache as bytes: dim 0 the block, the others in memory order."""
@@ -83,6 +94,9 @@ class _LayerBlocks:
     host_rows: np.ndarray | None = None
     """uint8 [num_blocks, block_bytes] over the same memory, when each block is one run
     in host memory: a block's bytes are then one cheap index away (`host_views`)."""
+    geometry: tuple[int, int, int] | None = None
+    """With `host_rows`: (address of block 0, bytes from one block to the next, bytes of
+    a block), for `block_spans`."""
 
     def host_views(self, block_ids: tuple[int, ...]) -> list[memoryview]:
         """The blocks' bytes in order as memoryviews of host memory, one per stretch of
@@ -99,14 +113,9 @@ class _LayerBlocks:
     def host_spans(self, block_ids: tuple[int, ...]) -> list[tuple[int, int]]:
         """(address, bytes) of each of `host_views(block_ids)`, found without making the
         views (for copies by address: a pull's few hundred views cost ~0.1 ms)."""
-        rows = self.host_rows
-        if rows is None:
+        if self.geometry is None:
             return [(run.data_ptr(), run.numel()) for b in block_ids for run in self.runs(b)]
-        base, stride, size = self.blocks.data_ptr(), self.blocks.stride(0), rows.shape[1]
-        if stride != size:
-            return [(base + b * stride, size) for b in block_ids]
-        return [(base + first * stride, count * size)
-                for first, count in _stretches(block_ids)]
+        return block_spans(self.geometry, block_ids)
 
     def runs(self, block_id: int) -> list[torch.Tensor]:
         """The block's contiguous runs as 1-D uint8 views, in memory order."""
@@ -211,7 +220,9 @@ def _layer_blocks(name: str, cache: torch.Tensor, num_blocks: int | None,
                                math.prod(blocks.shape[1 + num_outer:]))
     host_rows = blocks.view(blocks.shape[0], -1).numpy() \
         if num_outer == 0 and blocks.device.type == "cpu" else None
-    return _LayerBlocks(blocks, num_outer, host_rows), block_format
+    geometry = None if host_rows is None else \
+        (blocks.data_ptr(), blocks.stride(0), host_rows.shape[1])
+    return _LayerBlocks(blocks, num_outer, host_rows, geometry), block_format
 
 
 class KVCacheViews:
@@ -292,6 +303,12 @@ class KVCacheViews:
         if self.stage:
             raise ValueError("a cache staged through host memory has no host spans")
         return [span for layer in self._layers for span in layer.host_spans(block_ids)]
+
+    def block_geometry(self) -> list[tuple[int, int, int]] | None:
+        """Each layer's `(address of block 0, stride, block bytes)` (`block_spans`), when
+        every block of every layer is one run of host memory; else None."""
+        found = [layer.geometry for layer in self._layers]
+        return None if self.stage or None in found else found  # type: ignore[return-value]
 
     def layer_views(self, block_ids: tuple[int, ...]) -> list[list[memoryview]]:
         """`read_views` of a host-memory cache, layer by layer."""

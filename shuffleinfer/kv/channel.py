@@ -18,7 +18,7 @@ import socket
 import socketserver
 import struct
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
@@ -244,14 +244,17 @@ def connect(peer: Peer, timeout_s: float) -> socket.socket:
     return sock
 
 
-def exchange(sock: socket.socket, header: dict[str, Any], auth_token: str | None
-             ) -> dict[str, Any]:
-    """Send a header (with the auth token, if any) and return the server's ok reply.
+def exchange(sock: socket.socket, header: dict[str, Any], auth_token: str | None,
+             while_waiting: Callable[[], None] | None = None) -> dict[str, Any]:
+    """Send a header (with the auth token, if any), call `while_waiting` (if given) and
+    return the server's ok reply.
 
     Raises KVTransferError with the server's reason if it refused."""
     if auth_token is not None:
         header = header | {AUTH_KEY: auth_token}
     send_frame(sock, header)
+    if while_waiting is not None:
+        while_waiting()
     return recv_ok(sock, f"{header.get('op')} of {header.get('transfer_id')}")
 
 

@@ -6,7 +6,8 @@ already grew (a fresh loopback connection moves its first megabytes about 1.5x s
 The server serves request after request on one connection (`channel.py`) and closes a
 connection that stays idle for its I/O timeout. Life of a connection:
 1. `exchange` takes an idle one (dropping any idle longer than `idle_s`) or dials anew,
-   sends the header and reads the server's first reply;
+   sends the header, does what the caller has to do meanwhile (`while_waiting`, once)
+   and reads the server's first reply;
 2. a reused connection that turns out closed before that reply arrives (the server timed
    it out, or restarted) is replaced by a fresh one, once; the header can be sent again
    because a server that never replied never granted the lease;
@@ -21,7 +22,7 @@ from __future__ import annotations
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -46,11 +47,19 @@ class ConnectionPool:
 
     @contextmanager
     def exchange(self, peer: Peer, header: dict[str, Any], auth_token: str | None,
-                 timeout_s: float) -> Iterator[tuple[socket.socket, dict[str, Any]]]:
+                 timeout_s: float, while_waiting: Callable[[], None] | None = None
+                 ) -> Iterator[tuple[socket.socket, dict[str, Any]]]:
         """A connection to `peer` that carried `header` (with the auth token) and the
-        server's ok reply to it. Raises `Refused` if the server said no, KVTransferError
-        or OSError if it could not be reached."""
-        sock, reply = self._open(peer, header, auth_token, timeout_s)
+        server's ok reply to it; `while_waiting` is called once, after the header first
+        went out and before the reply is read. Raises `Refused` if the server said no,
+        KVTransferError or OSError if it could not be reached."""
+        pending = [while_waiting] if while_waiting is not None else []
+
+        def once() -> None:
+            while pending:
+                pending.pop()()
+
+        sock, reply = self._open(peer, header, auth_token, timeout_s, once)
         try:
             yield sock, reply
         except BaseException:
@@ -59,25 +68,28 @@ class ConnectionPool:
         self._give_back(peer, sock)
 
     def _open(self, peer: Peer, header: dict[str, Any], auth_token: str | None,
-              timeout_s: float) -> tuple[socket.socket, dict[str, Any]]:
+              timeout_s: float, while_waiting: Callable[[], None]
+              ) -> tuple[socket.socket, dict[str, Any]]:
         """An idle connection, or a new one if there is none or it turns out closed,
         that carried `header` and its ok reply."""
         sock = self._take(peer)
         if sock is not None:
             sock.settimeout(timeout_s)
             try:
-                return sock, self._first_reply(peer, sock, header, auth_token)
+                return sock, self._first_reply(peer, sock, header, auth_token,
+                                               while_waiting)
             except _STALE:
                 pass  # closed by the server; dial anew
         sock = connect(peer, timeout_s)
-        return sock, self._first_reply(peer, sock, header, auth_token)
+        return sock, self._first_reply(peer, sock, header, auth_token, while_waiting)
 
     def _first_reply(self, peer: Peer, sock: socket.socket, header: dict[str, Any],
-                     auth_token: str | None) -> dict[str, Any]:
+                     auth_token: str | None, while_waiting: Callable[[], None]
+                     ) -> dict[str, Any]:
         """Send `header` and read the reply; a refused connection goes back to the pool,
         a failed one is closed."""
         try:
-            return exchange(sock, header, auth_token)
+            return exchange(sock, header, auth_token, while_waiting)
         except Refused:
             self._give_back(peer, sock)
             raise

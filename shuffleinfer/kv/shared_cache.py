@@ -13,7 +13,9 @@ shared memory, the decode side copies the prefill's blocks straight into its own
    descriptor) and the pull's byte runs in them; the decode side maps each region
    read-only through /proc/<pid>/fd/<fd> (`PeerCaches`, kept between pulls), copies the
    runs into its blocks, and says done; only then does the lease end, so the blocks
-   cannot be reused under the copy.
+   cannot be reused under the copy. The cache's description also says where each
+   layer's blocks lie (`describe_blocks`), so that a later pull can find its runs, and
+   copy, before the reply comes (`PeerCaches.claim_runs`, `shm._Claim`).
 3. a decode side that cannot open the descriptor (another user, another pid namespace)
    fails that one pull (recomputed) and from then on asks that server for the two-copy
    path. A mapping is dropped when its server restarts (new cache id), when a pull to
@@ -29,13 +31,14 @@ import os
 import secrets
 import threading
 import time
-from collections.abc import Hashable, Sequence
+from collections.abc import Hashable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
+from shuffleinfer.kv.block_views import block_spans
 from shuffleinfer.kv.errors import KVTransferError
 from shuffleinfer.kv.shm_segments import SHM_DIR
 from shuffleinfer.kv.staging import pieces
@@ -59,6 +62,19 @@ def copy_spans(src: Sequence[tuple[int, int]], dst: Sequence[tuple[int, int]]) -
     for si, s_off, di, d_off, n in plan:
         ctypes.memmove(dst[di][0] + d_off, src[si][0] + s_off, n)
     return sum(n for _, n in src)
+
+
+def merge_runs(runs: Iterable[tuple[int, int, int]]) -> list[list[int]]:
+    """[region, offset, nbytes] of `runs`, in order, each merged with the one before when
+    it starts where that one ends: the one form both sides of a pull write runs in."""
+    merged: list[list[int]] = []
+    for region, offset, nbytes in runs:
+        last = merged[-1] if merged else None
+        if last is not None and last[0] == region and last[1] + last[2] == offset:
+            last[2] += nbytes
+        else:
+            merged.append([region, offset, nbytes])
+    return merged
 
 
 @dataclass(frozen=True)
@@ -107,20 +123,28 @@ class SharedCache:
             regions.append(_Region(storage.data_ptr(), int(size), int(fd)))
         return cls(regions)
 
+    def describe_blocks(self, geometry: list[tuple[int, int, int]] | None) -> None:
+        """Add where each layer's blocks lie (`KVCacheViews.block_geometry`: address of
+        block 0, stride, block bytes) to `described`, as [region, offset, stride, bytes]
+        per layer, so that a decode side that mapped the cache can find a pull's runs
+        itself (`PeerCaches.claim_runs`). Nothing is added for blocks of several runs."""
+        if geometry is None:
+            return
+        layers = []
+        for start, stride, size in geometry:
+            index = self._region_of(start, 0)
+            layers.append([index, start - self._regions[index].base, stride, size])
+        self.described["layers"] = layers
+
     def runs(self, spans: Sequence[tuple[int, int]]) -> list[list[int]]:
         """[region, offset, nbytes] for each (address, nbytes) of `spans` (parts of the
         cache), in order, neighbours in memory merged. Raises KVTransferError for a span
         outside the cache."""
-        runs: list[list[int]] = []
+        found = []
         for start, nbytes in spans:
             index = self._region_of(start, nbytes)
-            offset = start - self._regions[index].base
-            last = runs[-1] if runs else None
-            if last is not None and last[0] == index and last[1] + last[2] == offset:
-                last[2] += nbytes
-            else:
-                runs.append([index, offset, nbytes])
-        return runs
+            found.append((index, start - self._regions[index].base, nbytes))
+        return merge_runs(found)
 
     def _region_of(self, start: int, nbytes: int) -> int:
         for index, region in enumerate(self._regions):
@@ -154,6 +178,9 @@ class _Mapped:
             self.close()
             raise
         self.addresses = [address_of(memoryview(m)) for m in self.maps]
+        self.described = described
+        self.layers = _layers(described.get("layers"))
+        """Each layer's [region, offset, stride, block bytes], if the server said."""
         self.used_at = time.monotonic()
         self.users = 0
 
@@ -164,6 +191,20 @@ class _Mapped:
             except BufferError:
                 pass  # a view of it is still alive; it unmaps when collected
         self.maps = []
+
+
+def _layers(described: object) -> list[tuple[int, tuple[int, int, int]]] | None:
+    """A reply's per-layer block geometry as (region, (offset, stride, bytes)); None if
+    absent or malformed (then no claims: every pull waits for the server's runs)."""
+    if not isinstance(described, list) or not described:
+        return None
+    layers = []
+    for layer in described:
+        if not (isinstance(layer, list) and len(layer) == 4
+                and all(isinstance(x, int) and x >= 0 for x in layer)):
+            return None
+        layers.append((layer[0], (layer[1], layer[2], layer[3])))
+    return layers
 
 
 class PeerCaches:
@@ -197,6 +238,21 @@ class PeerCaches:
             raise KVTransferError(f"bad runs of the shared cache: {e}") from e
         finally:
             self._let_go(mapped)
+
+    def claim_runs(self, peer: Hashable, block_ids: tuple[int, ...]
+                   ) -> tuple[dict[str, Any], list[list[int]]] | None:
+        """For a pull that copies while its request is on the way (`ShmTransport`): how
+        `peer`'s cache was last described and the runs of `block_ids` in it, found from
+        its block geometry; None if the cache is not mapped or has no geometry. The copy
+        counts only if the server's reply then names the same cache and runs."""
+        with self._lock:
+            mapped = self._mapped.get(peer)
+            if mapped is None or mapped.layers is None:
+                return None
+            described, layers = mapped.described, mapped.layers
+        return described, merge_runs(
+            (region, offset, nbytes) for region, geometry in layers
+            for offset, nbytes in block_spans(geometry, block_ids))
 
     def _let_go(self, mapped: _Mapped) -> None:
         with self._lock:

@@ -10,7 +10,11 @@ applies:
    prefill's KV cache itself and the runs in it.
    In both, the decode side maps what it is told (kept mapped between pulls), copies the
    runs into its blocks (the one copy of the hand-over) and says {"op": "done"}, after
-   which the server ends the lease (and reuses the staging segment);
+   which the server ends the lease (and reuses the staging segment). Once a cache is
+   mapped, and its reply said where each layer's blocks lie, later pulls from it copy
+   while their request is on the way ("claimed": the cache id; the server then answers
+   from the cache first) and keep the copy only if the reply grants the lease with the
+   same cache and runs (`_Claim`): this hides the round trip before the copy;
 3. two copies, when neither applies: the decode side takes a segment of its pool for
    this prefill server (`SegmentPool`: one kept per pair and reused, grown when a pull
    needs more) and names it in the header ("shm_name", "shm_bytes": the pull's size,
@@ -69,6 +73,66 @@ class Filler:
         return self.copied
 
 
+class _Dest:
+    """Where a pull lands: host memory, by (address, nbytes) spans or by views of it,
+    each found only when first asked for."""
+
+    def __init__(self, spans: Sequence[tuple[int, int]] | None,
+                 views: Callable[[], Sequence[memoryview]]) -> None:
+        self._spans, self._make_views = spans, views
+        self._views: Sequence[memoryview] | None = None
+        self.nbytes = sum(n for _, n in spans) if spans is not None else \
+            sum(len(v) for v in self.views())
+
+    def views(self) -> Sequence[memoryview]:
+        if self._views is None:
+            self._views = self._make_views()
+        return self._views
+
+    def spans(self) -> Sequence[tuple[int, int]]:
+        if self._spans is None:
+            self._spans = [(address_of(v), len(v)) for v in self.views()]
+        return self._spans
+
+
+class _Claim:
+    """A pull from a shared cache this side has mapped, copied while its request is on
+    the way (saving the round trip before the copy). The copy counts only if the server
+    then grants the lease on the same cache with the same runs (`holds`): a granted lease
+    was alive when the server read the request, and a lease never comes back once
+    ended, so the blocks were the request's all along (before its lease was registered,
+    the prefill's scheduler held them). Otherwise the pull copies again as the reply
+    says."""
+
+    def __init__(self, caches: PeerCaches, peer: Peer, described: dict[str, Any],
+                 runs: list[list[int]], dest: _Dest) -> None:
+        self._caches, self._peer, self._dest = caches, peer, dest
+        self._described, self._runs = described, runs
+        self.cache_id = str(described["id"])
+        self._copied = False
+
+    @classmethod
+    def of(cls, caches: PeerCaches, peer: Peer, block_ids: tuple[int, ...], dest: _Dest
+           ) -> _Claim | None:
+        """A claim on `peer`'s mapped cache, if this side knows where the blocks lie."""
+        found = caches.claim_runs(peer, block_ids)
+        return None if found is None else cls(caches, peer, *found, dest)
+
+    def copy(self) -> None:
+        """Copy the runs; a failure only means the copy does not count."""
+        try:
+            self._caches.copy_runs(self._peer, self._described, self._runs, self._dest.spans())
+            self._copied = True
+        except KVTransferError as e:
+            logger.debug("copy ahead of the reply from %s failed: %s", self._peer, e)
+
+    def holds(self, reply: dict[str, Any]) -> bool:
+        """Whether the reply grants the lease on the cache and runs copied."""
+        cache = reply.get("cache")
+        return self._copied and isinstance(cache, dict) \
+            and str(cache.get("id")) == self.cache_id and reply.get("runs") == self._runs
+
+
 class ShmTransport(Transport):
     """Bytes through /dev/shm: two memory copies, no socket traffic beyond the header.
 
@@ -90,45 +154,58 @@ class ShmTransport(Transport):
     # --- decode side ----------------------------------------------------------------------
     def pull(self, peer: Peer, request: PullRequest, kv: KVCacheViews,
              local_block_ids: tuple[int, ...], timeout_s: float) -> int:
-        dest = kv.write_views(local_block_ids)
-        spans = None if kv.stage else kv.host_spans(local_block_ids)
-        nbytes = self.pull_views(peer, request, dest.views, timeout_s, spans)
-        dest.commit()
-        return nbytes
+        if kv.stage:
+            dest = kv.write_views(local_block_ids)
+            nbytes = self.pull_views(peer, request, dest.views, timeout_s)
+            dest.commit()
+            return nbytes
+        # Views only if the pull does not copy by address (they cost ~0.1 ms).
+        return self._pull(peer, request, _Dest(kv.host_spans(local_block_ids),
+                                               lambda: kv.read_views(local_block_ids)),
+                          timeout_s)
 
     def pull_views(self, peer: Peer, request: PullRequest, dest_views: Sequence[memoryview],
-                   timeout_s: float, dest_spans: Sequence[tuple[int, int]] | None = None
-                   ) -> int:
+                   timeout_s: float) -> int:
         """Pull the requested blocks into `dest_views` (same order); returns the bytes
-        received. `dest_spans`: the views' (address, nbytes), if the caller has them
-        cheaper than from the views. A server that served the last pull from its shared
-        cache is offered no segment of the pool (one would sit idle). Raises
-        KVTransferError naming the transfer on any failure, after giving the segment
-        up."""
-        nbytes = sum(len(v) for v in dest_views)
+        received."""
+        return self._pull(peer, request, _Dest(None, lambda: dest_views), timeout_s)
+
+    def _pull(self, peer: Peer, request: PullRequest, dest: _Dest, timeout_s: float) -> int:
+        """Pull the requested blocks into `dest`; returns the bytes received. A server that
+        served the last pull from its shared cache is offered no segment of the pool (one
+        would sit idle), and its cache is copied from while the request is on the way
+        (`_Claim`). Raises KVTransferError naming the transfer on any failure, after
+        giving the segment up."""
         segment: Segment | None = None
         ok = False
         try:
             header = pull_header(request, "shm") | {
                 "staged_ok": True, "cache_ok": peer not in self._caches.unusable}
-            if peer not in self._direct:
-                segment = self._pool.acquire(peer, nbytes)
-                header |= {"shm_name": segment.name, "shm_bytes": nbytes,
-                           "progress_bytes": progress_step(nbytes)}
-            with self._connections.exchange(peer, header, self._auth_token,
-                                            timeout_s) as (sock, reply):
-                if "staged" in reply or "cache" in reply:
-                    self._copy_mapped(peer, sock, reply, dest_views, dest_spans)
+            claim = None
+            if peer in self._direct:
+                claim = _Claim.of(self._caches, peer, request.block_ids, dest)
+                if claim is not None:
+                    header["claimed"] = claim.cache_id
+            else:
+                segment = self._pool.acquire(peer, dest.nbytes)
+                header |= {"shm_name": segment.name, "shm_bytes": dest.nbytes,
+                           "progress_bytes": progress_step(dest.nbytes)}
+            with self._connections.exchange(peer, header, self._auth_token, timeout_s,
+                                            claim.copy if claim else None) as (sock, reply):
+                if claim is not None and claim.holds(reply):
+                    send_frame(sock, {"op": "done"})
+                elif "staged" in reply or "cache" in reply:
+                    self._copy_mapped(peer, sock, reply, dest)
                 else:
                     if segment is None:
                         raise KVTransferError("the server no longer serves its cache")
-                    filler = Filler(segment.buf, dest_views)
+                    filler = Filler(segment.buf, dest.views())
                     while "filled" in reply:  # a progress frame: copy out what is in
                         filler.fill_to(int(reply["filled"]))
                         reply = recv_ok(sock, f"pull of {request.transfer_id}")
-                    filler.fill_to(nbytes)  # the rest (all, if the server sent no progress)
+                    filler.fill_to(dest.nbytes)  # the rest (all, if the server sent none)
             ok = True
-            return nbytes
+            return dest.nbytes
         except (OSError, ValueError, KVTransferError) as e:
             self._caches.drop(peer)  # the server may be gone: do not pin its memory
             self._direct.discard(peer)
@@ -139,17 +216,14 @@ class ShmTransport(Transport):
                 self._pool.release(peer, segment, reusable=ok and peer not in self._direct)
 
     def _copy_mapped(self, peer: Peer, sock: socket.socket, reply: dict[str, Any],
-                     dest_views: Sequence[memoryview],
-                     dest_spans: Sequence[tuple[int, int]] | None) -> None:
+                     dest: _Dest) -> None:
         """Copy the runs a reply names (in a staging segment, or the shared cache) into
-        `dest_views`, then tell the server, which ends the lease either way."""
+        `dest`, then tell the server, which ends the lease either way."""
         try:
             if "staged" in reply:
-                self._copy_staged(reply, dest_views)
+                self._copy_staged(reply, dest.views())
             else:
-                spans = dest_spans if dest_spans is not None else \
-                    [(address_of(v), len(v)) for v in dest_views]
-                self._caches.copy_runs(peer, reply["cache"], reply["runs"], spans)
+                self._caches.copy_runs(peer, reply["cache"], reply["runs"], dest.spans())
                 self._direct.add(peer)
         except BaseException:
             send_frame(sock, {"op": "failed"})  # ends the lease at once
@@ -217,16 +291,22 @@ def _where_mapped(header: dict[str, Any], request: PullRequest, source: KVSource
                   ) -> dict[str, Any] | None:
     """Where the client may map the pull's bytes from, as far as its header allows, with
     the lease granted: a staging segment first, then the shared cache; None (lease
-    untouched) if neither. Raises KVTransferError to refuse (lease untouched)."""
+    untouched) if neither. A client that already copies from the shared cache (header
+    "claimed") is answered from it first. Raises KVTransferError to refuse (lease
+    untouched)."""
+    cache_ok = header.get("cache_ok") is True
+    if cache_ok and isinstance(header.get("claimed"), str):
+        shared = source.shared_for_pull(request)
+        if shared is not None:
+            return {"cache": shared[0], "runs": shared[1]}
     if header.get("staged_ok") is True:
         staged = source.staged_for_pull(request)
         if staged is not None:
             return {"staged": staged.segment.name, "runs": staged.runs}
-    if header.get("cache_ok") is True:
+    if cache_ok:
         shared = source.shared_for_pull(request)
         if shared is not None:
-            described, runs = shared
-            return {"cache": described, "runs": runs}
+            return {"cache": shared[0], "runs": shared[1]}
     return None
 
 

@@ -111,6 +111,8 @@ class ConnectorWorker(KVSource):
         self._kv = KVCacheViews(kv_caches, num_blocks=num_blocks, block_dim=block_dim,
                                 stage_through_host=self._stage_through_host,
                                 identity=self._identity)
+        if self._shared is not None:
+            self._shared.describe_blocks(self._kv.block_geometry())
         sweep_orphans()  # segments of decode workers on this host that died unclosed
         self._transports = {"tcp": TcpTransport(self._auth_token),
                             "shm": ShmTransport(self._auth_token)}

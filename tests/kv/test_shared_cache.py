@@ -12,10 +12,13 @@ from shuffleinfer.kv.shm import ShmTransport
 from shuffleinfer.kv.transport import KVTransferError, Peer, PullRequest
 from tests.kv.conftest import (
     FakeSource,
+    Steps,
     WorkerFactory,
     as_bytes,
     hand_over,
     lease_and_load,
+    meta,
+    pull,
     serve,
     shm_segments,
     vllm_kv_caches,
@@ -59,6 +62,41 @@ def test_an_shm_pull_copies_straight_from_the_prefills_cache(
     # No segment of the decode's carried the bytes: none is kept for this prefill (the
     # two-copy path keeps one per prefill, test_worker_transports).
     assert shm_segments() - before == set()
+
+
+def test_a_pull_copies_while_its_request_is_on_the_way_only_under_a_live_lease(
+        make_worker: WorkerFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    from shuffleinfer.kv import shm
+
+    claims: list[object] = []
+    where_mapped = shm._where_mapped
+    monkeypatch.setattr(shm, "_where_mapped", lambda header, *args: (
+        claims.append(header.get("claimed")), where_mapped(header, *args))[1])
+    src, dst = vllm_kv_caches(0, "LBHNC"), vllm_kv_caches(1, "LBHNC")
+    prefill = make_worker(src, block_dim=0, lease_s=0.2, lease_wait_s=0.2)
+    decode = make_worker(dst, block_dim=0, transport="shm")
+    for i, (remote, local) in enumerate([((4, 5), (0, 1)), ((7, 2, 3), (4, 5, 6))]):
+        lease, load = lease_and_load(prefill, f"t-claim-{i}", remote=remote, local=local)
+        hand_over(prefill, decode, lease, load)
+        assert decode.get_block_ids_with_load_errors() == set()
+        for name in src:
+            for r, lb in zip(remote, local, strict=True):
+                assert as_bytes(dst[name][lb]) == as_bytes(src[name][r])
+    # The first pull learnt where the cache's blocks lie; the second copied meanwhile.
+    assert claims[0] is None and isinstance(claims[1], str)
+    # A lease that expired: its blocks go to another request, which writes them. The
+    # decode copies them ahead of the reply all the same, but the server refuses: the
+    # pull fails and its blocks are recomputed, never decoded from.
+    lease, load = lease_and_load(prefill, "t-claim-late", remote=(4,), local=(2,))
+    prefill.on_metadata(meta(leases=[lease]))
+    steps = Steps(prefill)
+    steps.step({lease.engine_req_id})
+    steps.until(lambda: lease.engine_req_id in steps.sending)
+    for cache in src.values():
+        cache[4].fill_(3)
+    pull(decode, load)
+    assert isinstance(claims[-1], str)
+    assert decode.get_block_ids_with_load_errors() == {2}
 
 
 class _UnmappableSource(FakeSource):
