@@ -10,9 +10,9 @@ connections kept open as a serving decode keeps them, and checks the bytes of ev
 round, in both modes: whole (the blocks are read out of the prefill's cache at pull
 time; by shm, straight out of its shared cache, `shared_cache.py`) and overlap (they
 were staged while the prefill ran, `staging.py`; only the pull is timed). Round 0 is not
-timed: it is where shm allocates the segments it then reuses. The limits: one thread's
-in-process memcpy of the same bytes, and a raw loopback socket stream from another
-process.
+timed: it is where shm allocates the segments it then reuses. The limits (`Limits`),
+timed once per round after the pulls: one thread's in-process memcpy of the same bytes,
+and a raw loopback socket stream from another process.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import math
 import multiprocessing as mp
 import socket
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from typing import cast
@@ -112,9 +113,12 @@ def run(mib: float, rounds: int, shape: CacheShape) -> dict[str, list[float]]:
 
 
 def run_blocks(num_blocks: int, rounds: int, shape: CacheShape,
-               modes: tuple[str, ...] = MODES) -> dict[str, dict[str, list[float]]]:
+               modes: tuple[str, ...] = MODES,
+               each_round: Callable[[], None] | None = None
+               ) -> dict[str, dict[str, list[float]]]:
     """Seconds per hand-over of `num_blocks` blocks, per mode and transport, interleaved
-    round by round; the first entry of each list is the untimed warm-up round's. This
+    round by round; the first entry of each list is the untimed warm-up round's.
+    `each_round` is called after each round's pulls (`Limits.round`). This
     process pulls as a decode engine's worker does, with one torch thread: with more,
     the torch work between rounds (zeroing, checking) leaves OpenMP threads spinning on
     the other core, where the prefill process serves (a 1-block tcp pull measured
@@ -122,13 +126,14 @@ def run_blocks(num_blocks: int, rounds: int, shape: CacheShape,
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return _run_blocks(num_blocks, rounds, shape, modes)
+        return _run_blocks(num_blocks, rounds, shape, modes, each_round)
     finally:
         torch.set_num_threads(threads)
 
 
-def _run_blocks(num_blocks: int, rounds: int, shape: CacheShape,
-                modes: tuple[str, ...]) -> dict[str, dict[str, list[float]]]:
+def _run_blocks(num_blocks: int, rounds: int, shape: CacheShape, modes: tuple[str, ...],
+                each_round: Callable[[], None] | None
+                ) -> dict[str, dict[str, list[float]]]:
     transports: list[Transport] = [TcpTransport(), ShmTransport()]
     ctx = mp.get_context("spawn")
     parent, child = ctx.Pipe()
@@ -162,6 +167,8 @@ def _run_blocks(num_blocks: int, rounds: int, shape: CacheShape,
                         raise RuntimeError(f"{transport.name} ({mode}) delivered wrong bytes "
                                            f"in round {r}")
                     seconds[mode][transport.name].append(elapsed)
+            if each_round is not None:
+                each_round()
         parent.send(None)
         proc.join(30)
         return seconds
@@ -173,20 +180,71 @@ def _run_blocks(num_blocks: int, rounds: int, shape: CacheShape,
 
 
 EVICT_BYTES = 512 << 20
-"""Bytes read between the rounds of a cold-source memcpy: well over this machine's
-caches (its L3 holds about 40 MiB of copies, though it reports 260 MiB)."""
+"""Bytes read before each cold-source memcpy: well over this machine's caches (its L3
+holds about 40 MiB of copies, though it reports 260 MiB)."""
+
+
+MEMCPY_WARMUPS = 4
+"""Untimed copies before each timed one of `Limits`' memcpy."""
+
+
+class Limits:
+    """The primitives the transports are held against, each timed once per round beside
+    the transports' pulls (`run_blocks`' `each_round`), so that a noisy spell of the
+    machine slows both:
+    - "memcpy": one thread's copy of `nbytes` from one buffer to another in this process
+      (numpy's copy, as each side of the shm transport copies), timed after
+      `MEMCPY_WARMUPS` untimed copies of the same buffers: a copy loop's steady state,
+      the buffers in cache when they fit (here one or two passes over 5.6 MiB fresh
+      from memory are not enough for that: the second copy still runs at about 7.5 GB/s,
+      the third at 13.5);
+    - "socket": a raw loopback TCP stream of `nbytes` from another process (one
+      `sendall`, `recv_into` one buffer).
+    `seconds` holds each one's times (the first round's included)."""
+
+    def __init__(self, nbytes: int) -> None:
+        self._src = np.ones(nbytes, dtype=np.uint8)
+        self._dst = np.zeros_like(self._src)
+        self._received = memoryview(bytearray(nbytes))
+        self.seconds: dict[str, list[float]] = {"memcpy": [], "socket": []}
+        self._server = socket.create_server(("127.0.0.1", 0))
+        self._proc = mp.get_context("spawn").Process(
+            target=_socket_sender, args=(self._server.getsockname()[1], nbytes), daemon=True)
+        self._proc.start()
+        self._server.settimeout(120)
+        self._sock, _ = self._server.accept()
+        self._sock.settimeout(120)
+
+    def round(self) -> None:
+        """Time each primitive once."""
+        from shuffleinfer.kv.channel import recv_exact_into
+
+        for _ in range(MEMCPY_WARMUPS):
+            np.copyto(self._dst, self._src)
+        started = time.perf_counter()
+        np.copyto(self._dst, self._src)
+        self.seconds["memcpy"].append(time.perf_counter() - started)
+        started = time.perf_counter()
+        self._sock.sendall(b"g")
+        recv_exact_into(self._sock, self._received)
+        self.seconds["socket"].append(time.perf_counter() - started)
+
+    def close(self) -> None:
+        self._sock.close()
+        self._server.close()
+        self._proc.join(30)
+        if self._proc.is_alive():
+            self._proc.kill()
 
 
 def memcpy_seconds(nbytes: int, rounds: int, all_cores: bool = False,
                    cold_source: bool = False) -> list[float]:
-    """Seconds per copy of `nbytes` from one buffer to another in this process: one
-    thread's memcpy (numpy's copy, as each side of the shm transport copies), the limit
-    shm is held against; or with `all_cores`, torch's copy split across every core (for
-    reference: an engine's worker has one core). With `cold_source`, the caches are
-    flushed out before each copy (by reading `EVICT_BYTES`) and the destination is then
-    written, as a pull's source is memory this core has not touched since the prefill
-    wrote it while its destination blocks were just zeroed; otherwise the same two
-    buffers are copied round after round and stay in cache while they fit."""
+    """Seconds per copy of `nbytes` from one buffer to another in this process, for
+    reference: with `all_cores`, torch's copy split across every core (an engine's
+    worker has one core); with `cold_source`, one thread's copy after flushing the
+    caches (reading `EVICT_BYTES`) and then writing the destination, as a pull's source
+    is memory this core has not touched since the prefill wrote it while its
+    destination blocks were just zeroed."""
     src = np.ones(nbytes, dtype=np.uint8)
     dst = np.zeros_like(src)
     src_t, dst_t = torch.from_numpy(src), torch.from_numpy(dst)
@@ -205,38 +263,10 @@ def memcpy_seconds(nbytes: int, rounds: int, all_cores: bool = False,
     return times
 
 
-def _socket_sender(port: int, nbytes: int, rounds: int) -> None:
-    """Child process: connect to loopback `port` and send `nbytes` `rounds` times."""
+def _socket_sender(port: int, nbytes: int) -> None:
+    """Child process: connect to loopback `port` and send `nbytes` each time the receiver
+    asks, until it closes the connection."""
     data = memoryview(bytearray(b"\x01") * nbytes)
     with socket.create_connection(("127.0.0.1", port)) as sock:
-        for _ in range(rounds):
-            sock.recv(1)  # the receiver is ready for the next round
+        while sock.recv(1):  # the receiver is ready for the next round (b"": done)
             sock.sendall(data)
-
-
-def socket_seconds(nbytes: int, rounds: int) -> list[float]:
-    """Seconds per stream of `nbytes` from another process over a loopback TCP socket
-    (one `sendall`, `recv_into` one buffer): the limit tcp is held against."""
-    from shuffleinfer.kv.channel import recv_exact_into
-
-    with socket.create_server(("127.0.0.1", 0)) as server:
-        ctx = mp.get_context("spawn")
-        proc = ctx.Process(target=_socket_sender,
-                           args=(server.getsockname()[1], nbytes, rounds + 1), daemon=True)
-        proc.start()
-        server.settimeout(120)
-        try:
-            sock, _ = server.accept()
-            with sock:
-                view = memoryview(bytearray(nbytes))
-                times = []
-                for _ in range(rounds + 1):
-                    started = time.perf_counter()
-                    sock.sendall(b"g")
-                    recv_exact_into(sock, view)
-                    times.append(time.perf_counter() - started)
-            proc.join(30)
-            return times
-        finally:
-            if proc.is_alive():
-                proc.kill()

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -72,15 +73,20 @@ def _stretches(block_ids: tuple[int, ...]) -> list[tuple[int, int]]:
     return stretches
 
 
-def block_spans(geometry: tuple[int, int, int], block_ids: tuple[int, ...]
+def block_spans(geometries: Sequence[tuple[int, int, int]], block_ids: tuple[int, ...]
                 ) -> list[tuple[int, int]]:
-    """(start, bytes) of the blocks `block_ids` of a layer whose block 0 starts at
-    `start`, blocks `stride` bytes apart and `size` long (`geometry`), in order: one span
-    per stretch of consecutive ids when blocks lie back to back, else one per block."""
-    start, stride, size = geometry
-    if stride != size:
-        return [(start + b * stride, size) for b in block_ids]
-    return [(start + first * stride, count * size) for first, count in _stretches(block_ids)]
+    """(start, bytes) of the blocks `block_ids` of each layer in turn, for layers whose
+    block 0 starts at `start`, blocks `stride` bytes apart and `size` long (`geometries`:
+    one (start, stride, size) per layer): one span per stretch of consecutive ids when
+    blocks lie back to back, else one per block."""
+    stretches = _stretches(block_ids)
+    spans = []
+    for start, stride, size in geometries:
+        if stride != size:
+            spans += [(start + b * stride, size) for b in block_ids]
+        else:
+            spans += [(start + first * stride, count * size) for first, count in stretches]
+    return spans
 
 
 @dataclass(frozen=True)
@@ -115,7 +121,7 @@ class _LayerBlocks:
         views (for copies by address: a pull's few hundred views cost ~0.1 ms)."""
         if self.geometry is None:
             return [(run.data_ptr(), run.numel()) for b in block_ids for run in self.runs(b)]
-        return block_spans(self.geometry, block_ids)
+        return block_spans([self.geometry], block_ids)
 
     def runs(self, block_id: int) -> list[torch.Tensor]:
         """The block's contiguous runs as 1-D uint8 views, in memory order."""
@@ -259,6 +265,8 @@ class KVCacheViews:
         self.dtype = str(first.dtype)
         self.block_format = formats[0]
         self.block_bytes = self.block_format.block_bytes
+        found = [layer.geometry for layer in self._layers if layer.geometry is not None]
+        self._geometry = found if len(found) == len(self._layers) else None
         self._layout = {**self._identity, "num_layers": len(self._layers),
                         **asdict(self.block_format), "dtype": self.dtype}
 
@@ -302,13 +310,14 @@ class KVCacheViews:
         pull by address); host-memory caches only (`stage` False)."""
         if self.stage:
             raise ValueError("a cache staged through host memory has no host spans")
+        if self._geometry is not None:
+            return block_spans(self._geometry, block_ids)
         return [span for layer in self._layers for span in layer.host_spans(block_ids)]
 
     def block_geometry(self) -> list[tuple[int, int, int]] | None:
         """Each layer's `(address of block 0, stride, block bytes)` (`block_spans`), when
         every block of every layer is one run of host memory; else None."""
-        found = [layer.geometry for layer in self._layers]
-        return None if self.stage or None in found else found  # type: ignore[return-value]
+        return None if self.stage else self._geometry
 
     def layer_views(self, block_ids: tuple[int, ...]) -> list[list[memoryview]]:
         """`read_views` of a host-memory cache, layer by layer."""

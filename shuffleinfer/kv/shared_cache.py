@@ -15,7 +15,7 @@ shared memory, the decode side copies the prefill's blocks straight into its own
    runs into its blocks, and says done; only then does the lease end, so the blocks
    cannot be reused under the copy. The cache's description also says where each
    layer's blocks lie (`describe_blocks`), so that a later pull can find its runs, and
-   copy, before the reply comes (`PeerCaches.claim_runs`, `shm._Claim`).
+   copy, before the reply comes (`PeerCaches.copy_claimed`, `shm._Claim`).
 3. a decode side that cannot open the descriptor (another user, another pid namespace)
    fails that one pull (recomputed) and from then on asks that server for the two-copy
    path. A mapping is dropped when its server restarts (new cache id), when a pull to
@@ -31,7 +31,7 @@ import os
 import secrets
 import threading
 import time
-from collections.abc import Hashable, Iterable, Sequence
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -58,23 +58,14 @@ def copy_spans(src: Sequence[tuple[int, int]], dst: Sequence[tuple[int, int]]) -
     spans `dst`; both must hold the same number of bytes (else ValueError). memmove by
     address, without the GIL; the caller vouches that every span is mapped memory of
     this process and `dst` is writable."""
-    plan = list(pieces([n for _, n in src], [n for _, n in dst]))
-    for si, s_off, di, d_off, n in plan:
-        ctypes.memmove(dst[di][0] + d_off, src[si][0] + s_off, n)
-    return sum(n for _, n in src)
-
-
-def merge_runs(runs: Iterable[tuple[int, int, int]]) -> list[list[int]]:
-    """[region, offset, nbytes] of `runs`, in order, each merged with the one before when
-    it starts where that one ends: the one form both sides of a pull write runs in."""
-    merged: list[list[int]] = []
-    for region, offset, nbytes in runs:
-        last = merged[-1] if merged else None
-        if last is not None and last[0] == region and last[1] + last[2] == offset:
-            last[2] += nbytes
-        else:
-            merged.append([region, offset, nbytes])
-    return merged
+    src_sizes, dst_sizes = [n for _, n in src], [n for _, n in dst]
+    if src_sizes == dst_sizes:  # span for span (the same stretches of blocks)
+        for (s, n), (d, _) in zip(src, dst, strict=True):
+            ctypes.memmove(d, s, n)
+    else:
+        for si, s_off, di, d_off, n in list(pieces(src_sizes, dst_sizes)):
+            ctypes.memmove(dst[di][0] + d_off, src[si][0] + s_off, n)
+    return sum(src_sizes)
 
 
 @dataclass(frozen=True)
@@ -127,7 +118,7 @@ class SharedCache:
         """Add where each layer's blocks lie (`KVCacheViews.block_geometry`: address of
         block 0, stride, block bytes) to `described`, as [region, offset, stride, bytes]
         per layer, so that a decode side that mapped the cache can find a pull's runs
-        itself (`PeerCaches.claim_runs`). Nothing is added for blocks of several runs."""
+        itself (`PeerCaches.copy_claimed`). Nothing is added for blocks of several runs."""
         if geometry is None:
             return
         layers = []
@@ -140,11 +131,16 @@ class SharedCache:
         """[region, offset, nbytes] for each (address, nbytes) of `spans` (parts of the
         cache), in order, neighbours in memory merged. Raises KVTransferError for a span
         outside the cache."""
-        found = []
+        runs: list[list[int]] = []
         for start, nbytes in spans:
             index = self._region_of(start, nbytes)
-            found.append((index, start - self._regions[index].base, nbytes))
-        return merge_runs(found)
+            offset = start - self._regions[index].base
+            last = runs[-1] if runs else None
+            if last is not None and last[0] == index and last[1] + last[2] == offset:
+                last[2] += nbytes
+            else:
+                runs.append([index, offset, nbytes])
+        return runs
 
     def _region_of(self, start: int, nbytes: int) -> int:
         for index, region in enumerate(self._regions):
@@ -166,7 +162,6 @@ class _Mapped:
     """One server's cache as this process maps it."""
 
     def __init__(self, described: dict[str, Any]) -> None:
-        self.cache_id = str(described["id"])
         pid = int(described["pid"])
         self.maps: list[mmap.mmap] = []
         try:
@@ -178,11 +173,30 @@ class _Mapped:
             self.close()
             raise
         self.addresses = [address_of(memoryview(m)) for m in self.maps]
-        self.described = described
-        self.layers = _layers(described.get("layers"))
-        """Each layer's [region, offset, stride, block bytes], if the server said."""
+        self.cache_id = str(described["id"])
+        self.blocks, self.capacity = self._blocks(described.get("layers"))
         self.used_at = time.monotonic()
         self.users = 0
+
+    def _blocks(self, layers: object) -> tuple[list[tuple[int, int, int]] | None, int]:
+        """Each layer's (address of block 0 here, stride, block bytes) from the server's
+        per-layer [region, offset, stride, bytes], and how many blocks every layer holds
+        within its mapping; (None, 0) if the server did not say or said it wrong (then
+        no claims: every pull waits for the server's runs)."""
+        if not isinstance(layers, list) or not layers:
+            return None, 0
+        found, capacity = [], None
+        for layer in layers:
+            if not (isinstance(layer, list) and len(layer) == 4
+                    and all(isinstance(x, int) and x >= 0 for x in layer)
+                    and layer[0] < len(self.maps) and layer[2] >= layer[3] > 0):
+                return None, 0
+            region, offset, stride, size = layer
+            room = len(self.maps[region]) - offset - size
+            fits = room // stride + 1 if room >= 0 else 0
+            capacity = fits if capacity is None else min(capacity, fits)
+            found.append((self.addresses[region] + offset, stride, size))
+        return found, capacity or 0
 
     def close(self) -> None:
         for m in self.maps:
@@ -191,20 +205,6 @@ class _Mapped:
             except BufferError:
                 pass  # a view of it is still alive; it unmaps when collected
         self.maps = []
-
-
-def _layers(described: object) -> list[tuple[int, tuple[int, int, int]]] | None:
-    """A reply's per-layer block geometry as (region, (offset, stride, bytes)); None if
-    absent or malformed (then no claims: every pull waits for the server's runs)."""
-    if not isinstance(described, list) or not described:
-        return None
-    layers = []
-    for layer in described:
-        if not (isinstance(layer, list) and len(layer) == 4
-                and all(isinstance(x, int) and x >= 0 for x in layer)):
-            return None
-        layers.append((layer[0], (layer[1], layer[2], layer[3])))
-    return layers
 
 
 class PeerCaches:
@@ -239,20 +239,33 @@ class PeerCaches:
         finally:
             self._let_go(mapped)
 
-    def claim_runs(self, peer: Hashable, block_ids: tuple[int, ...]
-                   ) -> tuple[dict[str, Any], list[list[int]]] | None:
-        """For a pull that copies while its request is on the way (`ShmTransport`): how
-        `peer`'s cache was last described and the runs of `block_ids` in it, found from
-        its block geometry; None if the cache is not mapped or has no geometry. The copy
-        counts only if the server's reply then names the same cache and runs."""
+    def claimable(self, peer: Hashable) -> str | None:
+        """The id of `peer`'s cache if it is mapped and its blocks can be found here
+        (`copy_claimed`)."""
         with self._lock:
             mapped = self._mapped.get(peer)
-            if mapped is None or mapped.layers is None:
+            return None if mapped is None or mapped.blocks is None else mapped.cache_id
+
+    def copy_claimed(self, peer: Hashable, block_ids: tuple[int, ...],
+                     dest: Sequence[tuple[int, int]]) -> str | None:
+        """For a pull that copies while its request is on the way (`shm._Claim`): copy the
+        blocks `block_ids` of `peer`'s mapped cache, found from its block geometry, to
+        the (address, nbytes) spans `dest`, writable memory of this process; returns the
+        id of the cache copied from, or None (nothing copied) if it is not mapped, has
+        no geometry, has no such blocks or they do not fill `dest`."""
+        with self._lock:
+            mapped = self._mapped.get(peer)
+            if mapped is None or mapped.blocks is None or not block_ids \
+                    or min(block_ids) < 0 or max(block_ids) >= mapped.capacity:
                 return None
-            described, layers = mapped.described, mapped.layers
-        return described, merge_runs(
-            (region, offset, nbytes) for region, geometry in layers
-            for offset, nbytes in block_spans(geometry, block_ids))
+            mapped.users += 1
+        try:
+            copy_spans(block_spans(mapped.blocks, block_ids), dest)
+            return mapped.cache_id
+        except ValueError:
+            return None
+        finally:
+            self._let_go(mapped)
 
     def _let_go(self, mapped: _Mapped) -> None:
         with self._lock:

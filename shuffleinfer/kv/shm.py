@@ -13,8 +13,9 @@ applies:
    which the server ends the lease (and reuses the staging segment). Once a cache is
    mapped, and its reply said where each layer's blocks lie, later pulls from it copy
    while their request is on the way ("claimed": the cache id; the server then answers
-   from the cache first) and keep the copy only if the reply grants the lease with the
-   same cache and runs (`_Claim`): this hides the round trip before the copy;
+   from the cache first, with only its id if it is the one claimed) and keep the copy
+   only if the reply grants the lease on that cache (`_Claim`): this hides the round
+   trip before the copy;
 3. two copies, when neither applies: the decode side takes a segment of its pool for
    this prefill server (`SegmentPool`: one kept per pair and reused, grown when a pull
    needs more) and names it in the header ("shm_name", "shm_bytes": the pull's size,
@@ -98,39 +99,33 @@ class _Dest:
 class _Claim:
     """A pull from a shared cache this side has mapped, copied while its request is on
     the way (saving the round trip before the copy). The copy counts only if the server
-    then grants the lease on the same cache with the same runs (`holds`): a granted lease
-    was alive when the server read the request, and a lease never comes back once
-    ended, so the blocks were the request's all along (before its lease was registered,
-    the prefill's scheduler held them). Otherwise the pull copies again as the reply
-    says."""
+    then grants the lease on the cache copied from (`holds`): a granted lease was alive
+    when the server read the request, and a lease never comes back once ended, so the
+    blocks were the request's all along (before its lease was registered, the prefill's
+    scheduler held them). Otherwise the pull copies again as the reply says."""
 
-    def __init__(self, caches: PeerCaches, peer: Peer, described: dict[str, Any],
-                 runs: list[list[int]], dest: _Dest) -> None:
-        self._caches, self._peer, self._dest = caches, peer, dest
-        self._described, self._runs = described, runs
-        self.cache_id = str(described["id"])
-        self._copied = False
+    def __init__(self, caches: PeerCaches, peer: Peer, cache_id: str,
+                 block_ids: tuple[int, ...], dest: _Dest) -> None:
+        self._caches, self._peer, self._block_ids, self._dest = caches, peer, block_ids, dest
+        self.cache_id = cache_id
+        self._copied_from: str | None = None
 
     @classmethod
     def of(cls, caches: PeerCaches, peer: Peer, block_ids: tuple[int, ...], dest: _Dest
            ) -> _Claim | None:
-        """A claim on `peer`'s mapped cache, if this side knows where the blocks lie."""
-        found = caches.claim_runs(peer, block_ids)
-        return None if found is None else cls(caches, peer, *found, dest)
+        """A claim on `peer`'s mapped cache, if this side knows where its blocks lie."""
+        cache_id = caches.claimable(peer)
+        return None if cache_id is None else cls(caches, peer, cache_id, block_ids, dest)
 
     def copy(self) -> None:
-        """Copy the runs; a failure only means the copy does not count."""
-        try:
-            self._caches.copy_runs(self._peer, self._described, self._runs, self._dest.spans())
-            self._copied = True
-        except KVTransferError as e:
-            logger.debug("copy ahead of the reply from %s failed: %s", self._peer, e)
+        self._copied_from = self._caches.copy_claimed(self._peer, self._block_ids,
+                                                      self._dest.spans())
 
     def holds(self, reply: dict[str, Any]) -> bool:
-        """Whether the reply grants the lease on the cache and runs copied."""
+        """Whether the reply grants the lease on the cache copied from."""
         cache = reply.get("cache")
-        return self._copied and isinstance(cache, dict) \
-            and str(cache.get("id")) == self.cache_id and reply.get("runs") == self._runs
+        return self._copied_from is not None and isinstance(cache, dict) \
+            and str(cache.get("id")) == self._copied_from
 
 
 class ShmTransport(Transport):
@@ -194,8 +189,11 @@ class ShmTransport(Transport):
                                             claim.copy if claim else None) as (sock, reply):
                 if claim is not None and claim.holds(reply):
                     send_frame(sock, {"op": "done"})
-                elif "staged" in reply or "cache" in reply:
+                elif "runs" in reply:  # from a staging segment or the shared cache
                     self._copy_mapped(peer, sock, reply, dest)
+                elif "cache" in reply:  # granted for the claim, whose copy failed
+                    send_frame(sock, {"op": "failed"})
+                    raise KVTransferError("the copy made before the reply failed")
                 else:
                     if segment is None:
                         raise KVTransferError("the server no longer serves its cache")
@@ -295,9 +293,12 @@ def _where_mapped(header: dict[str, Any], request: PullRequest, source: KVSource
     "claimed") is answered from it first. Raises KVTransferError to refuse (lease
     untouched)."""
     cache_ok = header.get("cache_ok") is True
-    if cache_ok and isinstance(header.get("claimed"), str):
+    claimed = header.get("claimed")
+    if cache_ok and isinstance(claimed, str):
         shared = source.shared_for_pull(request)
         if shared is not None:
+            if shared[0].get("id") == claimed:  # the client has all it needs
+                return {"cache": {"id": claimed}}
             return {"cache": shared[0], "runs": shared[1]}
     if header.get("staged_ok") is True:
         staged = source.staged_for_pull(request)
