@@ -6,21 +6,21 @@ For each prompt size (`--tokens`, default 128, 1k and 4k tokens) a prefill worke
 default model's cache (30 layers, 3 KV heads x 64 dims, float32, vLLM's CPU block size
 128) and this process pulls them through each transport, round by round, checking the
 bytes every time. Beside each transport the same number of bytes is moved by the
-primitive it is built on, the machine's limit for it, once in every round right after
-the pulls (a noisy spell slows both):
+primitive it is built on, the machine's limit for it:
 
 - shm against one thread's in-process memcpy (each side of the transport copies with
   one thread, as an engine's worker has one core): shm copies once on each side, so the
-  goal is at least 0.5 of memcpy. The memcpy is timed after a few untimed copies of
-  the same buffers (a copy loop's steady state), so at 128 tokens (5.6 MiB) they are in
-  cache, while a pull's source is not in the decode core's cache (the prefill wrote it;
-  between rounds the benchmark's own traffic flushes it, as a decode step's weights
-  would). summary.json also has, for
+  goal is at least 0.5 of memcpy. The memcpy copies the same two buffers round after
+  round, after the pulls, so at 128 tokens (5.6 MiB) they stay in cache, while a pull's
+  source is not in the decode core's cache (the prefill wrote it; between rounds the
+  benchmark's own traffic flushes it, as a decode step's weights would). summary.json
+  also has, for
   reference, memcpy from a source flushed out of the caches first
   (`memcpy_cold_gbps`, `ratio_cold`; printed under the table) and torch's copy across
   all cores (`memcpy_all_cores_gbps`);
 - tcp against a raw loopback socket stream from another process (`sendall` of one
-  buffer, `recv_into` one buffer): the goal is at least 0.7 of it.
+  buffer, `recv_into` one buffer), timed once in every round right after the pulls (a
+  noisy spell slows both): the goal is at least 0.7 of it.
 
 Each transport runs in both modes: whole (the prefill's blocks are read out of its cache
 when the decode pulls; shm maps the prefill's cache, kept in shared memory, and copies
@@ -33,8 +33,10 @@ vLLM engines, disaggregated in both modes against one colocated engine
 
 Prints tables, writes DIR/summary.json (per transport, mode and size: `gbps`,
 `limit_gbps`, `ratio`, milliseconds, bytes; and `overhead`) and DIR/kv.png. Throughput
-figures are medians of `--rounds` timed rounds after one untimed warm-up round (where shm
-allocates the segments it reuses).
+figures are medians of timed rounds after one untimed warm-up round (where shm allocates
+the segments it reuses): `--rounds`, by default enough to move about 100 MiB, between 5
+and 25 (a one-block hand-over takes about a millisecond, so a few noisy ones would sway
+a median of 5).
 """
 
 from __future__ import annotations
@@ -63,19 +65,26 @@ Results = dict[str, dict[str, dict[str, dict[str, Any]]]]
 """transport -> mode -> prompt size (str) -> row."""
 
 
-def measure(tokens: int, rounds: int, shape: CacheShape) -> dict[str, dict[str, dict[str, Any]]]:
+def default_rounds(nbytes: int) -> int:
+    """Timed rounds for a hand-over of `nbytes`: enough to move about 100 MiB, 5 to 25."""
+    return max(5, min(25, math.ceil((100 << 20) / nbytes)))
+
+
+def measure(tokens: int, rounds: int | None, shape: CacheShape
+            ) -> dict[str, dict[str, dict[str, Any]]]:
     """Per transport and mode: throughput of handing `tokens` tokens' blocks over, and
-    its limit's."""
-    from shuffleinfer.kv.bench import MODES, Limits, memcpy_seconds, run_blocks
+    its limit's, over `rounds` timed rounds (None: `default_rounds`)."""
+    from shuffleinfer.kv.bench import MODES, SocketLimit, memcpy_seconds, run_blocks
 
     num_blocks = math.ceil(tokens / shape.block_size)
     nbytes = num_blocks * shape.block_bytes
-    limits = Limits(nbytes)
+    rounds = rounds or default_rounds(nbytes)
+    socket_limit = SocketLimit(nbytes)
     try:
-        seconds = run_blocks(num_blocks, rounds, shape, each_round=limits.round)
+        seconds = run_blocks(num_blocks, rounds, shape, each_round=socket_limit.round)
     finally:
-        limits.close()
-    limit_seconds = {"shm": limits.seconds["memcpy"], "tcp": limits.seconds["socket"]}
+        socket_limit.close()
+    limit_seconds = {"shm": memcpy_seconds(nbytes, rounds), "tcp": socket_limit.seconds}
     all_cores_s = statistics.median(memcpy_seconds(nbytes, rounds, all_cores=True)[1:])
     cold_s = statistics.median(memcpy_seconds(nbytes, rounds, cold_source=True)[1:])
     rows: dict[str, dict[str, dict[str, Any]]] = {name: {} for name in LIMITS}
@@ -89,6 +98,7 @@ def measure(tokens: int, rounds: int, shape: CacheShape) -> dict[str, dict[str, 
                 "limit": limit, "limit_ms": limit_took * 1e3,
                 "limit_gbps": nbytes / limit_took / 1e9, "ratio": limit_took / took,
                 "goal_ratio": goal, "first_ms": seconds[mode][name][0] * 1e3,
+                "rounds": rounds,
             }
             if name == "shm":
                 rows[name][mode] |= {"memcpy_all_cores_gbps": nbytes / all_cores_s / 1e9,
@@ -99,14 +109,15 @@ def measure(tokens: int, rounds: int, shape: CacheShape) -> dict[str, dict[str, 
 
 def table(results: Results) -> str:
     """The stdout table: one line per transport, mode and size."""
-    lines = [f"{'transport':<9} {'mode':<7} {'tokens':>6} {'MiB':>7} {'ms':>8} {'GB/s':>6}   "
-             f"{'limit':<10} {'GB/s':>6} {'ratio':>6} {'goal':>5}"]
+    lines = [f"{'transport':<9} {'mode':<7} {'tokens':>6} {'rounds':>6} {'MiB':>7} {'ms':>8} "
+             f"{'GB/s':>6}   {'limit':<10} {'GB/s':>6} {'ratio':>6} {'goal':>5}"]
     for name, modes in results.items():
         for mode, sizes in modes.items():
             for row in sizes.values():
                 ok = "ok" if row["ratio"] >= row["goal_ratio"] else "MISS"
                 lines.append(
-                    f"{name:<9} {mode:<7} {row['tokens']:>6} {row['bytes'] / 2**20:>7.1f} "
+                    f"{name:<9} {mode:<7} {row['tokens']:>6} {row.get('rounds', ''):>6} "
+                    f"{row['bytes'] / 2**20:>7.1f} "
                     f"{row['ms']:>8.2f} {row['gbps']:>6.2f}   {row['limit']:<10} "
                     f"{row['limit_gbps']:>6.2f} {row['ratio']:>6.2f} "
                     f"{'>=' + format(row['goal_ratio'], '.1f'):>5} {ok}")
@@ -161,7 +172,7 @@ def run_kv(args: argparse.Namespace) -> int:
     print(f"KV hand-over: blocks of {shape.num_layers} layers x [{shape.kv_heads}, "
           f"{shape.block_size}, {2 * shape.head_size}] "
           f"{str(shape.dtype).removeprefix('torch.')} ({shape.block_bytes / 2**20:.2f} MiB "
-          f"each), medians of {args.rounds} rounds")
+          f"each), medians of timed rounds")
     print(table(results))
     summary: dict[str, Any] = {"block_size": shape.block_size,
                                "block_bytes": shape.block_bytes, "rounds": args.rounds,
@@ -186,8 +197,10 @@ def add_kv_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentPa
     p.add_argument("--out", type=Path, required=True, metavar="DIR")
     p.add_argument("--tokens", type=_sizes, default=DEFAULT_TOKENS, metavar="N[,N...]",
                    help="prompt sizes in tokens (default 128,1024,4096)")
-    p.add_argument("--rounds", type=int, default=5, help="timed rounds per measurement")
-    p.add_argument("--block-size", type=int, default=128, help="tokens per KV block")
+    p.add_argument("--rounds", type=positive_int, default=None,
+                   help="timed rounds per measurement (default: enough to move about "
+                        "100 MiB, 5 to 25)")
+    p.add_argument("--block-size", type=positive_int, default=128, help="tokens per KV block")
     p.add_argument("--skip-overhead", action="store_true",
                    help="only the throughput part (no engines)")
     p.add_argument("--model", default=DEFAULT_MODEL, help="model of the overhead part")

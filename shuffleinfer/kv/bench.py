@@ -10,9 +10,9 @@ connections kept open as a serving decode keeps them, and checks the bytes of ev
 round, in both modes: whole (the blocks are read out of the prefill's cache at pull
 time; by shm, straight out of its shared cache, `shared_cache.py`) and overlap (they
 were staged while the prefill ran, `staging.py`; only the pull is timed). Round 0 is not
-timed: it is where shm allocates the segments it then reuses. The limits (`Limits`),
-timed once per round after the pulls: one thread's in-process memcpy of the same bytes,
-and a raw loopback socket stream from another process.
+timed: it is where shm allocates the segments it then reuses. The limits: one thread's
+in-process memcpy of the same bytes (after the pulls), and a raw loopback socket stream
+from another process (once per round, after the pulls: `SocketLimit`).
 """
 
 from __future__ import annotations
@@ -118,7 +118,7 @@ def run_blocks(num_blocks: int, rounds: int, shape: CacheShape,
                ) -> dict[str, dict[str, list[float]]]:
     """Seconds per hand-over of `num_blocks` blocks, per mode and transport, interleaved
     round by round; the first entry of each list is the untimed warm-up round's.
-    `each_round` is called after each round's pulls (`Limits.round`). This
+    `each_round` is called after each round's pulls (`SocketLimit.round`). This
     process pulls as a decode engine's worker does, with one torch thread: with more,
     the torch work between rounds (zeroing, checking) leaves OpenMP threads spinning on
     the other core, where the prefill process serves (a 1-block tcp pull measured
@@ -184,29 +184,18 @@ EVICT_BYTES = 512 << 20
 holds about 40 MiB of copies, though it reports 260 MiB)."""
 
 
-MEMCPY_WARMUPS = 4
-"""Untimed copies before each timed one of `Limits`' memcpy."""
-
-
-class Limits:
-    """The primitives the transports are held against, each timed once per round beside
-    the transports' pulls (`run_blocks`' `each_round`), so that a noisy spell of the
-    machine slows both:
-    - "memcpy": one thread's copy of `nbytes` from one buffer to another in this process
-      (numpy's copy, as each side of the shm transport copies), timed after
-      `MEMCPY_WARMUPS` untimed copies of the same buffers: a copy loop's steady state,
-      the buffers in cache when they fit (here one or two passes over 5.6 MiB fresh
-      from memory are not enough for that: the second copy still runs at about 7.5 GB/s,
-      the third at 13.5);
-    - "socket": a raw loopback TCP stream of `nbytes` from another process (one
-      `sendall`, `recv_into` one buffer).
-    `seconds` holds each one's times (the first round's included)."""
+class SocketLimit:
+    """The limit tcp is held against, timed once per round beside the transports' pulls
+    (`run_blocks`' `each_round`), so that a noisy spell of the machine slows both (a
+    loopback stream here ranged from 2 to 5.6 GB/s between runs minutes apart): a raw
+    TCP stream of `nbytes` from another process (one `sendall`, `recv_into` one
+    buffer). `seconds` holds its times (the first round's included). (memcpy is timed
+    apart, `memcpy_seconds`: copies between rounds would keep their buffers in cache in
+    place of the pulls' source, which slowed one-block shm pulls by a quarter.)"""
 
     def __init__(self, nbytes: int) -> None:
-        self._src = np.ones(nbytes, dtype=np.uint8)
-        self._dst = np.zeros_like(self._src)
         self._received = memoryview(bytearray(nbytes))
-        self.seconds: dict[str, list[float]] = {"memcpy": [], "socket": []}
+        self.seconds: list[float] = []
         self._server = socket.create_server(("127.0.0.1", 0))
         self._proc = mp.get_context("spawn").Process(
             target=_socket_sender, args=(self._server.getsockname()[1], nbytes), daemon=True)
@@ -216,18 +205,13 @@ class Limits:
         self._sock.settimeout(120)
 
     def round(self) -> None:
-        """Time each primitive once."""
+        """Time one stream."""
         from shuffleinfer.kv.channel import recv_exact_into
 
-        for _ in range(MEMCPY_WARMUPS):
-            np.copyto(self._dst, self._src)
-        started = time.perf_counter()
-        np.copyto(self._dst, self._src)
-        self.seconds["memcpy"].append(time.perf_counter() - started)
         started = time.perf_counter()
         self._sock.sendall(b"g")
         recv_exact_into(self._sock, self._received)
-        self.seconds["socket"].append(time.perf_counter() - started)
+        self.seconds.append(time.perf_counter() - started)
 
     def close(self) -> None:
         self._sock.close()
@@ -239,12 +223,14 @@ class Limits:
 
 def memcpy_seconds(nbytes: int, rounds: int, all_cores: bool = False,
                    cold_source: bool = False) -> list[float]:
-    """Seconds per copy of `nbytes` from one buffer to another in this process, for
-    reference: with `all_cores`, torch's copy split across every core (an engine's
-    worker has one core); with `cold_source`, one thread's copy after flushing the
-    caches (reading `EVICT_BYTES`) and then writing the destination, as a pull's source
-    is memory this core has not touched since the prefill wrote it while its
-    destination blocks were just zeroed."""
+    """Seconds per copy of `nbytes` from one buffer to another in this process: one
+    thread's memcpy (numpy's copy, as each side of the shm transport copies), the same
+    two buffers round after round (in cache while they fit), the limit shm is held
+    against; for reference, with `all_cores`, torch's copy split across every core (an
+    engine's worker has one core), or with `cold_source`, one thread's copy after
+    flushing the caches (reading `EVICT_BYTES`) and then writing the destination, as a
+    pull's source is memory this core has not touched since the prefill wrote it while
+    its destination blocks were just zeroed."""
     src = np.ones(nbytes, dtype=np.uint8)
     dst = np.zeros_like(src)
     src_t, dst_t = torch.from_numpy(src), torch.from_numpy(dst)
