@@ -9,15 +9,17 @@ decode step
   with overlap (the prefill stages each chunk's KV as it completes).
 The hand-over's cost is (TTFT + first decode step) disaggregated minus the same
 colocated, as a share of the prefill time (the colocated TTFT); the goal with overlap is
-at most 5 %. Because a prefill's run-to-run noise is of that order, the time from the first
-token to the second is reported beside it ("extra": the hand-over plus the decode engine
-taking the request). Engines are `EngineInstance`s in this process (no Ray, no HTTP),
-each bound to one core as `shuffleinfer serve` binds them: the two prefill engines
-(whole, overlap) share core 0, the whole-mode one doubling as the colocated engine (so
-every prompt runs on the same core beside the same idle engine), the decode engine has
-core 1, and rounds go round-robin over the three configurations. Every round sends a prompt of its
-own (random token ids), so no prefix cache helps. Figures are medians of
-`--overhead-rounds` rounds after one untimed warm-up round.
+at most 5 %. The cost is the median over rounds of each round's difference from that
+round's colocated prompt (the difference of the medians is in summary.json too,
+`cost_of_medians_ms`). Because a prefill's run-to-run noise is of that order, the time
+from the first token to the second is reported beside it ("extra": the hand-over plus
+the decode engine taking the request). Engines are `EngineInstance`s in this process
+(no Ray, no HTTP), each bound to one core as `shuffleinfer serve` binds them: the two
+prefill engines (whole, overlap) share core 0, the whole-mode one doubling as the
+colocated engine (so every prompt runs on the same core beside the same idle engine),
+the decode engine has core 1, and rounds go round-robin over the three configurations.
+Every round sends a prompt of its own (random token ids), so no prefix cache helps.
+Figures are medians of `--overhead-rounds` rounds after one untimed warm-up round.
 """
 
 from __future__ import annotations
@@ -150,9 +152,14 @@ def measure_overhead(model_path: str, tokens: int, rounds: int, chunk_size: int
     prefill_ms = rows["colocated"]["ttft_ms"]
     base = rows["colocated"]
     for name in CONFIGS[1:]:
-        cost = rows[name]["ttft_plus_step_ms"] - base["ttft_plus_step_ms"]
+        # Paired by round: each round's difference from the colocated prompt of the same
+        # round, so that the machine's drift between rounds cancels.
+        cost = statistics.median(s - b for (_, s), (_, b) in
+                                 zip(times[name], times["colocated"], strict=True)) * 1e3
         handover = rows[name]["after_first_ms"] - base["after_first_ms"]
         rows[name] |= {"cost_ms": cost, "cost_share_of_prefill": cost / prefill_ms,
+                       "cost_of_medians_ms": rows[name]["ttft_plus_step_ms"]
+                       - base["ttft_plus_step_ms"],
                        "handover_ms": handover,
                        "handover_share_of_prefill": handover / prefill_ms}
     return {"tokens": tokens, "rounds": rounds, "chunk_size": chunk_size,
