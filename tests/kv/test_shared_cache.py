@@ -10,6 +10,7 @@ import torch
 from shuffleinfer.kv.shared_cache import PeerCaches, SharedCache, address_of
 from shuffleinfer.kv.shm import ShmTransport
 from shuffleinfer.kv.transport import KVTransferError, Peer, PullRequest
+from shuffleinfer.kv.worker_side import ConnectorWorker
 from tests.kv.conftest import (
     FakeSource,
     Steps,
@@ -46,19 +47,28 @@ def test_views_taken_before_the_move_see_the_shared_memory() -> None:
     assert bytes(dest) == as_bytes(layer[2]) != before[:len(dest)]
 
 
+def _hand_over_and_check(prefill: ConnectorWorker, decode: ConnectorWorker,
+                         src: dict[str, torch.Tensor], dst: dict[str, torch.Tensor],
+                         prefix: str, pulls: list[tuple[tuple[int, ...], tuple[int, ...]]]
+                         ) -> None:
+    """Hand each (remote, local) block list of `pulls` over in turn; check the bytes."""
+    for i, (remote, local) in enumerate(pulls):
+        lease, load = lease_and_load(prefill, f"{prefix}-{i}", remote=remote, local=local)
+        hand_over(prefill, decode, lease, load)
+        assert decode.get_block_ids_with_load_errors() == set()
+        for name in src:
+            for r, lb in zip(remote, local, strict=True):
+                assert as_bytes(dst[name][lb]) == as_bytes(src[name][r])
+
+
 def test_an_shm_pull_copies_straight_from_the_prefills_cache(
         make_worker: WorkerFactory) -> None:
     before = shm_segments()
     src, dst = vllm_kv_caches(0, "LBHNC"), vllm_kv_caches(1, "LBHNC")
     prefill = make_worker(src, block_dim=0)
     decode = make_worker(dst, block_dim=0, transport="shm")
-    for i, (remote, local) in enumerate([((4, 5, 6), (0, 1, 2)), ((7, 1), (3, 6))]):
-        lease, load = lease_and_load(prefill, f"t-direct-{i}", remote=remote, local=local)
-        hand_over(prefill, decode, lease, load)
-        assert decode.get_block_ids_with_load_errors() == set()
-        for name in src:
-            for r, lb in zip(remote, local, strict=True):
-                assert as_bytes(dst[name][lb]) == as_bytes(src[name][r])
+    _hand_over_and_check(prefill, decode, src, dst, "t-direct",
+                         [((4, 5, 6), (0, 1, 2)), ((7, 1), (3, 6))])
     # No segment of the decode's carried the bytes: none is kept for this prefill (the
     # two-copy path keeps one per prefill, test_worker_transports).
     assert shm_segments() - before == set()
@@ -75,13 +85,8 @@ def test_a_pull_copies_while_its_request_is_on_the_way_only_under_a_live_lease(
     src, dst = vllm_kv_caches(0, "LBHNC"), vllm_kv_caches(1, "LBHNC")
     prefill = make_worker(src, block_dim=0, lease_s=0.2, lease_wait_s=0.2)
     decode = make_worker(dst, block_dim=0, transport="shm")
-    for i, (remote, local) in enumerate([((4, 5), (0, 1)), ((7, 2, 3), (4, 5, 6))]):
-        lease, load = lease_and_load(prefill, f"t-claim-{i}", remote=remote, local=local)
-        hand_over(prefill, decode, lease, load)
-        assert decode.get_block_ids_with_load_errors() == set()
-        for name in src:
-            for r, lb in zip(remote, local, strict=True):
-                assert as_bytes(dst[name][lb]) == as_bytes(src[name][r])
+    _hand_over_and_check(prefill, decode, src, dst, "t-claim",
+                         [((4, 5), (0, 1)), ((7, 2, 3), (4, 5, 6))])
     # The first pull learnt where the cache's blocks lie; the second copied meanwhile.
     assert claims[0] is None and isinstance(claims[1], str)
     # A lease that expired: its blocks go to another request, which writes them. The
