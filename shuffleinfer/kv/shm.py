@@ -292,22 +292,30 @@ def _where_mapped(header: dict[str, Any], request: PullRequest, source: KVSource
     untouched) if neither. A client that already copies from the shared cache (header
     "claimed") is answered from it first. Raises KVTransferError to refuse (lease
     untouched)."""
-    cache_ok = header.get("cache_ok") is True
     claimed = header.get("claimed")
-    if cache_ok and isinstance(claimed, str):
-        shared = source.shared_for_pull(request)
-        if shared is not None:
-            if shared[0].get("id") == claimed:  # the client has all it needs
-                return {"cache": {"id": claimed}}
-            return {"cache": shared[0], "runs": shared[1]}
-    if header.get("staged_ok") is True:
-        staged = source.staged_for_pull(request)
-        if staged is not None:
-            return {"staged": staged.segment.name, "runs": staged.runs}
-    if cache_ok:
-        shared = source.shared_for_pull(request)
-        if shared is not None:
-            return {"cache": shared[0], "runs": shared[1]}
+    claimed = claimed if isinstance(claimed, str) else None
+
+    def staged() -> dict[str, Any] | None:
+        if header.get("staged_ok") is not True:
+            return None
+        found = source.staged_for_pull(request)
+        return None if found is None else {"staged": found.segment.name, "runs": found.runs}
+
+    def cache() -> dict[str, Any] | None:
+        if header.get("cache_ok") is not True:
+            return None
+        found = source.shared_for_pull(request, claimed)
+        if found is None:
+            return None
+        described, runs = found
+        if runs is None:  # the client copies from this very cache: it has all it needs
+            return {"cache": {"id": claimed}}
+        return {"cache": described, "runs": runs}
+
+    for where in (cache, staged) if claimed is not None else (staged, cache):
+        found = where()
+        if found is not None:
+            return found
     return None
 
 

@@ -72,11 +72,12 @@ class KVSource(ABC):
         Raises KVTransferError to refuse (lease untouched)."""
         return None
 
-    def shared_for_pull(self, request: PullRequest) -> tuple[dict[str, object],
-                                                             list[list[int]]] | None:
+    def shared_for_pull(self, request: PullRequest, claimed: str | None = None
+                        ) -> tuple[dict[str, object], list[list[int]] | None] | None:
         """Called on a server thread when an shm pull that can map this worker's cache
         arrives: grant the lease and return how to map the cache and the pull's runs in
-        it (`shared_cache.py`), or None, lease untouched, if the cache is not shared.
+        it (`shared_cache.py`; runs None when the client already copies from this very
+        cache, its id `claimed`), or None, lease untouched, if the cache is not shared.
         Raises KVTransferError to refuse (lease untouched)."""
         return None
 

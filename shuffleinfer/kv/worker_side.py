@@ -253,11 +253,13 @@ class ConnectorWorker(KVSource):
             self._grant(request, rows=False)
         return staged
 
-    def shared_for_pull(self, request: PullRequest) -> tuple[dict[str, object],
-                                                             list[list[int]]] | None:
+    def shared_for_pull(self, request: PullRequest, claimed: str | None = None
+                        ) -> tuple[dict[str, object], list[list[int]] | None] | None:
         if self._shared is None or self._require_kv().stage:
             return None  # (staged through host memory: read_views are copies)
         self._grant(request, rows=False)
+        if claimed == self._shared.cache_id:
+            return self._shared.described, None  # the client found the runs itself
         try:
             return self._shared.described, self._shared.runs(
                 self._require_kv().host_spans(request.block_ids))

@@ -107,8 +107,8 @@ def test_a_pull_copies_while_its_request_is_on_the_way_only_under_a_live_lease(
 class _UnmappableSource(FakeSource):
     """Claims a shared cache no process can open (a pid that does not exist)."""
 
-    def shared_for_pull(self, request: PullRequest
-                        ) -> tuple[dict[str, object], list[list[int]]] | None:
+    def shared_for_pull(self, request: PullRequest, claimed: str | None = None
+                        ) -> tuple[dict[str, object], list[list[int]] | None] | None:
         self.requests.append(request)
         return {"id": "x", "pid": 2**22 + 1, "regions": [[3, 4096]]}, [[0, 0, 10]]
 
