@@ -11,6 +11,7 @@ before it looks at anything else, so a refused request never touches a lease.
 
 from __future__ import annotations
 
+import functools
 import hmac
 import json
 import logging
@@ -28,6 +29,8 @@ logger = logging.getLogger(__name__)
 
 _LEN = struct.Struct("!I")
 _MAX_HEADER_BYTES = 1 << 20
+_REPEATED_BYTES = 256
+"""Frames up to this size are parsed once per distinct body (`_parse_repeated`)."""
 AUTH_KEY = "auth_token"
 
 
@@ -70,10 +73,25 @@ def recv_frame(sock: socket.socket) -> dict[str, Any]:
         raise KVTransferError(f"header of {length} bytes is too large")
     body = bytearray(length)
     recv_exact_into(sock, memoryview(body))
+    if length <= _REPEATED_BYTES:
+        return dict(_parse_repeated(bytes(body)))
+    return _parse(body)
+
+
+def _parse(body: bytes | bytearray) -> dict[str, Any]:
     obj = json.loads(body)
     if not isinstance(obj, dict):
         raise KVTransferError("header is not a JSON object")
     return obj
+
+
+@functools.lru_cache(maxsize=128)
+def _parse_repeated(body: bytes) -> dict[str, Any]:
+    """A small frame's object, parsed once per distinct body: the frames on a pull's
+    critical path repeat (a claim's grant, "done"), and right after a pull's copy has
+    swept the caches, json's parser took about 65 us to read one here, a cached one
+    about 10. Callers get a shallow copy and must not change nested values."""
+    return _parse(body)
 
 
 def is_authorized(header: dict[str, Any], auth_token: str | None) -> bool:

@@ -3,6 +3,7 @@ the server closed them, never reused after a pull that failed half-way."""
 
 from __future__ import annotations
 
+import socket
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -10,7 +11,7 @@ from contextlib import contextmanager
 import pytest
 
 from shuffleinfer.kv import tcp
-from shuffleinfer.kv.channel import KVServer
+from shuffleinfer.kv.channel import KVServer, recv_frame, send_frame
 from shuffleinfer.kv.connections import ConnectionPool
 from shuffleinfer.kv.shm import ShmTransport
 from shuffleinfer.kv.tcp import TcpTransport
@@ -113,3 +114,17 @@ def test_idle_connections_older_than_idle_s_are_not_reused() -> None:
         # The old one was closed by the pool, not merely left: the server sees it go.
         assert _wait_for(lambda: server.num_connections == 1)
     pool.close()
+
+
+def test_a_repeated_frame_reads_as_a_fresh_object_each_time() -> None:
+    """Small frames are parsed once per distinct body; a caller that changes what it got
+    must not change what the next reader of the same bytes gets."""
+    a, b = socket.socketpair()
+    with a, b:
+        for _ in range(2):
+            send_frame(a, {"ok": True, "error": None, "cache": {"id": "c1"}})
+        first = recv_frame(b)
+        first["ok"] = False
+        assert recv_frame(b) == {"ok": True, "error": None, "cache": {"id": "c1"}}
+        send_frame(a, {"ok": True, "big": "x" * 1000})  # past the memo's size: parsed anew
+        assert recv_frame(b)["big"] == "x" * 1000
