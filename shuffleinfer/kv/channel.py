@@ -4,6 +4,10 @@ one request after another (decode sides keep them open between pulls, `connectio
   client -> server: a framed JSON header {"op": "pull"|"release"|"connect",
                     "transport": "tcp"|"shm"|"nccl", "transfer_id", "auth_token", ...}
   server -> client: a framed JSON reply {"ok": bool, "error": str | None, ...}
+The server listens on TCP and, for clients on its own host, on a Unix socket in the
+abstract namespace under a random name (`KVServer.local_name`, told to clients by the shm
+transport's replies): the same requests, with cheaper sends (on this VM a small frame's
+send took about 25 us less than over TCP loopback).
 What follows a pull's header depends on its transport (`transport.py`). With an
 `auth_token` configured, the server refuses any header that does not carry the same one
 before it looks at anything else, so a refused request never touches a lease.
@@ -15,6 +19,7 @@ import functools
 import hmac
 import json
 import logging
+import secrets
 import socket
 import socketserver
 import struct
@@ -118,13 +123,15 @@ class _Handler(socketserver.BaseRequestHandler):
     def handle(self) -> None:
         """Serve requests on one connection until the client closes it, it stays idle
         for the I/O timeout, or a request leaves the stream out of step."""
-        server: _Server = self.server  # type: ignore[assignment]
+        server: _Serving = self.server  # type: ignore[assignment]
         sock: socket.socket = self.request
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if sock.family != socket.AF_UNIX:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         # Without a timeout a peer that stops reading would pin a served lease forever
         # (serving leases never expire): the send times out and the lease ends instead.
         sock.settimeout(server.io_timeout_s)
-        client = f"{self.client_address[0]}:{self.client_address[1]}"
+        client = f"{self.client_address[0]}:{self.client_address[1]}" \
+            if isinstance(self.client_address, tuple) else "a local client"
         with server.tracking(sock):
             in_step = True
             while in_step:
@@ -143,7 +150,7 @@ class _Handler(socketserver.BaseRequestHandler):
                     return
 
     @staticmethod
-    def _dispatch(server: _Server, sock: socket.socket, header: dict[str, Any],
+    def _dispatch(server: _Serving, sock: socket.socket, header: dict[str, Any],
                   client: str) -> bool:
         """Answer one request; whether the connection may carry another (not after a
         refused auth token, an nccl set-up, or a pull that failed half-way)."""
@@ -181,18 +188,16 @@ class _Handler(socketserver.BaseRequestHandler):
         return transport.serve_pull(sock, header, request, server.source)
 
 
-class _Server(socketserver.ThreadingTCPServer):
+class _Serving:
+    """What both of a KV server's listeners (TCP and local) share."""
+
     daemon_threads = True
-    allow_reuse_address = True
     source: KVSource
     transports: Mapping[str, Transport]
     io_timeout_s: float
     auth_token: str | None
-
-    def __init__(self, address: tuple[str, int]) -> None:
-        super().__init__(address, _Handler)
-        self.open_connections: set[socket.socket] = set()
-        self.connections_lock = threading.Lock()
+    open_connections: set[socket.socket]
+    connections_lock: threading.Lock
 
     @contextmanager
     def tracking(self, sock: socket.socket) -> Iterator[None]:
@@ -206,6 +211,14 @@ class _Server(socketserver.ThreadingTCPServer):
                 self.open_connections.discard(sock)
 
 
+class _Server(_Serving, socketserver.ThreadingTCPServer):
+    allow_reuse_address = True
+
+
+class _LocalServer(_Serving, socketserver.ThreadingUnixStreamServer):
+    pass
+
+
 class KVServer:
     """Serves pulls of leased blocks on a background thread, one thread per connection,
     each serving that connection's requests in turn.
@@ -217,16 +230,27 @@ class KVServer:
     def __init__(self, host: str, port: int, source: KVSource,
                  transports: Mapping[str, Transport], io_timeout_s: float = 30.0,
                  auth_token: str | None = None) -> None:
-        self._server = _Server((host, port))
-        self._server.source = source
-        self._server.transports = dict(transports)
-        self._server.io_timeout_s = io_timeout_s
-        self._server.auth_token = auth_token
+        self.local_name = f"shuffleinfer-kv-{secrets.token_hex(8)}"
+        """The local listener's name in the abstract namespace (without its leading NUL:
+        `connect_local`); random, so that no other process holds it first."""
+        self._server = _Server((host, port), _Handler)
+        self._servers: tuple[_Server | _LocalServer, ...] = (
+            self._server, _LocalServer("\0" + self.local_name, _Handler))
+        connections: set[socket.socket] = set()
+        lock = threading.Lock()
+        for server in self._servers:
+            server.source = source
+            server.transports = dict(transports)
+            server.io_timeout_s = io_timeout_s
+            server.auth_token = auth_token
+            server.open_connections, server.connections_lock = connections, lock
+        for transport in transports.values():
+            transport.served_locally_at(self.local_name)
         # A short poll interval only so that close() (engine shutdown) returns promptly.
-        self._thread = threading.Thread(
-            target=self._server.serve_forever, kwargs={"poll_interval": 0.05},
-            name="shuffleinfer-kv-server", daemon=True,
-        )
+        self._threads = [threading.Thread(
+            target=server.serve_forever, kwargs={"poll_interval": 0.05},
+            name=f"shuffleinfer-kv-server-{i}", daemon=True)
+            for i, server in enumerate(self._servers)]
 
     @property
     def address(self) -> tuple[str, int]:
@@ -240,12 +264,14 @@ class KVServer:
             return len(self._server.open_connections)
 
     def start(self) -> None:
-        self._thread.start()
+        for thread in self._threads:
+            thread.start()
 
     def close(self) -> None:
         """Stop accepting and end every open connection (idle ones included)."""
-        self._server.shutdown()
-        self._server.server_close()
+        for server in self._servers:
+            server.shutdown()
+            server.server_close()
         with self._server.connections_lock:
             open_connections = list(self._server.open_connections)
         for sock in open_connections:
@@ -259,6 +285,20 @@ def connect(peer: Peer, timeout_s: float) -> socket.socket:
     """A connected side-channel socket whose every operation times out after timeout_s."""
     sock = socket.create_connection((peer.host, peer.port), timeout=timeout_s)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return sock
+
+
+def connect_local(name: str, timeout_s: float) -> socket.socket:
+    """A connection to the local listener of a KV server on this host (`KVServer.local_name`),
+    every operation timing out after timeout_s; OSError if there is none by that name
+    here (another network namespace has its own abstract names)."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.settimeout(timeout_s)
+        sock.connect("\0" + name)
+    except BaseException:
+        sock.close()
+        raise
     return sock
 
 

@@ -37,10 +37,13 @@ server is not a closed one)."""
 class ConnectionPool:
     """Idle side-channel connections per KV server; safe to share between pull threads."""
 
-    def __init__(self, per_peer: int = 4, idle_s: float = 10.0) -> None:
+    def __init__(self, per_peer: int = 4, idle_s: float = 10.0,
+                 dial: Callable[[Peer, float], socket.socket] = connect) -> None:
         """`per_peer` idle connections kept per server (0: a connection per pull);
-        `idle_s`: how long one may sit idle before it is closed instead of reused."""
+        `idle_s`: how long one may sit idle before it is closed instead of reused;
+        `dial`: how a new connection to a server is made (with a timeout)."""
         self._per_peer = per_peer
+        self._dial = dial
         self._idle_s = idle_s
         self._idle: dict[Peer, list[tuple[float, socket.socket]]] = {}
         self._lock = threading.Lock()
@@ -80,7 +83,7 @@ class ConnectionPool:
                                                while_waiting)
             except _STALE:
                 pass  # closed by the server; dial anew
-        sock = connect(peer, timeout_s)
+        sock = self._dial(peer, timeout_s)
         return sock, self._first_reply(peer, sock, header, auth_token, while_waiting)
 
     def _first_reply(self, peer: Peer, sock: socket.socket, header: dict[str, Any],
@@ -119,6 +122,13 @@ class ConnectionPool:
                 idle.append((time.monotonic(), sock))
                 return
         sock.close()
+
+    def forget(self, peer: Peer) -> None:
+        """Close the idle connections to `peer`: its next pull dials anew."""
+        with self._lock:
+            idle = self._idle.pop(peer, [])
+        for _, sock in idle:
+            sock.close()
 
     def close(self) -> None:
         """Close every idle connection (at worker shutdown)."""

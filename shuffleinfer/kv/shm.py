@@ -23,6 +23,9 @@ applies:
    the blocks in, saying {"ok": true, "filled": N} each time another "progress_bytes"
    are in, and replies ok; the decode side copies each filled part into its own blocks
    while the server fills the next, then gives the segment back.
+Replies also name the server's local listener ("local", `channel.KVServer.local_name`):
+once told, the decode side dials it for later pulls to that server (a Unix socket: its
+sends cost less than TCP loopback's), and TCP again if it cannot be reached.
 A segment is in at most one pull at a time. A pull that failed in any way gives its
 segment up (unlinked at once): a server that stalled may still write into it later. The
 decode worker unlinks the rest at shutdown (`close`); see `shm_segments` for the
@@ -37,7 +40,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from shuffleinfer.kv.block_views import KVCacheViews
-from shuffleinfer.kv.channel import frame, recv_frame, recv_ok, send_frame
+from shuffleinfer.kv.channel import connect, connect_local, frame, recv_frame, recv_ok, send_frame
 from shuffleinfer.kv.connections import ConnectionPool
 from shuffleinfer.kv.shared_cache import PeerCaches, address_of
 from shuffleinfer.kv.shm_segments import AttachedSegments, Segment, SegmentPool
@@ -145,7 +148,11 @@ class ShmTransport(Transport):
         self._auth_token = auth_token
         self._pool = SegmentPool(segments_per_peer)
         self._attached = AttachedSegments()
-        self._connections = ConnectionPool()
+        self._connections = ConnectionPool(dial=self._dial)
+        self._local: dict[Peer, str] = {}
+        """Servers' local listeners, as their replies named them."""
+        self._local_name: str | None = None
+        """The local listener of the server serving this transport, named in replies."""
         self._caches = PeerCaches()
         self._direct: set[Peer] = set()
         """Servers whose last pull came from their shared cache."""
@@ -191,6 +198,7 @@ class ShmTransport(Transport):
                            "progress_bytes": progress_step(dest.nbytes)}
             with self._connections.exchange(peer, header, self._auth_token, timeout_s,
                                             claim.copy if claim else None) as (sock, reply):
+                told = self._learn_local(peer, reply)
                 if claim is not None and claim.holds(reply):
                     sock.sendall(_DONE)
                 elif "runs" in reply:  # from a staging segment or the shared cache
@@ -206,6 +214,8 @@ class ShmTransport(Transport):
                         filler.fill_to(int(reply["filled"]))
                         reply = recv_ok(sock, f"pull of {request.transfer_id}")
                     filler.fill_to(dest.nbytes)  # the rest (all, if the server sent none)
+            if told:  # dial the local listener from now on, not the TCP one kept idle
+                self._connections.forget(peer)
             ok = True
             return dest.nbytes
         except (OSError, ValueError, KVTransferError) as e:
@@ -216,6 +226,27 @@ class ShmTransport(Transport):
         finally:
             if segment is not None:  # not kept for a server that needs none
                 self._pool.release(peer, segment, reusable=ok and peer not in self._direct)
+
+    def _dial(self, peer: Peer, timeout_s: float) -> socket.socket:
+        """A new connection to `peer`'s server: to its local listener if it named one that
+        can be reached from here, else by TCP."""
+        name = self._local.get(peer)
+        if name is not None:
+            try:
+                return connect_local(name, timeout_s)
+            except OSError as e:
+                logger.info("KV server %s:%d's local listener is out of reach (%s): "
+                            "dialling it by TCP", peer.host, peer.port, e)
+                self._local.pop(peer, None)
+        return connect(peer, timeout_s)
+
+    def _learn_local(self, peer: Peer, reply: dict[str, Any]) -> bool:
+        """Keep the local listener a reply names; whether it is news."""
+        name = reply.get("local")
+        if not isinstance(name, str) or self._local.get(peer) == name:
+            return False
+        self._local[peer] = name
+        return True
 
     def _copy_mapped(self, peer: Peer, sock: socket.socket, reply: dict[str, Any],
                      dest: _Dest) -> None:
@@ -253,7 +284,7 @@ class ShmTransport(Transport):
             send_frame(sock, {"ok": False, "error": str(e)})
             return True
         if where is not None:
-            return _serve_mapped(sock, where, request, source)
+            return _serve_mapped(sock, where | self._told(), request, source)
         try:
             segment = self._attached.acquire(header.get("shm_name"), header.get("shm_bytes"))
         except KVTransferError as e:
@@ -272,13 +303,20 @@ class ShmTransport(Transport):
                               _progress(sock, header.get("progress_bytes")))
             finally:
                 self._attached.release(segment)  # before the reply: the client reuses it
-            send_frame(sock, {"ok": error is None, "error": error})
+            send_frame(sock, {"ok": error is None, "error": error} | self._told())
             ok = error is None
         except OSError as e:
             logger.warning("KV pull %s by shm failed: %s", request.transfer_id, e)
         finally:
             source.on_pull_done(request.transfer_id, ok)
         return ok
+
+    def _told(self) -> dict[str, str]:
+        """What a reply adds to name this server's local listener."""
+        return {} if self._local_name is None else {"local": self._local_name}
+
+    def served_locally_at(self, name: str) -> None:
+        self._local_name = name
 
     def close(self) -> None:
         """Called at worker shutdown: unlink this worker's segments, drop the mappings of

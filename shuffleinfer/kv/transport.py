@@ -1,8 +1,9 @@
 """The contract between the KV connector's worker half and the ways bytes move.
 
 Every transport shares one side channel: TCP connections to the prefill worker's KV
-server, each carrying framed JSON headers and framed JSON replies (`channel.py`), kept
-open between pulls by tcp and shm (`connections.py`). Only what
+server (or, for shm, a Unix socket it also listens on), each carrying framed JSON headers
+and framed JSON replies (`channel.py`), kept open between pulls by tcp and shm
+(`connections.py`). Only what
 follows the header differs:
 - tcp:  the reply, then the block bytes on the same socket;
 - shm:  the decode side names a shared-memory segment in the header, the server copies
@@ -128,6 +129,12 @@ class Transport(ABC):
         per-peer set-up, such as nccl's communicator). Others raise KVTransferError, which
         the server replies."""
         raise KVTransferError(f"transport {self.name} has no connect")
+
+    def served_locally_at(self, name: str) -> None:
+        """Called by the KV server that serves this transport with the name of its local
+        listener (`channel.KVServer.local_name`), for replies that tell clients on the
+        same host."""
+        return None
 
     def close(self) -> None:
         """Called once at worker shutdown: free per-peer state."""

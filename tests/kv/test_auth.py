@@ -98,3 +98,23 @@ def test_unknown_transport_is_refused_naming_the_served_ones() -> None:
     assert reply["ok"] is False
     assert "carrier-pigeon" in reply["error"] and "['shm', 'tcp']" in reply["error"]
     assert source.requests == []
+
+
+def test_the_local_listener_asks_for_the_token_too() -> None:
+    source = FakeSource({0: bytearray(b"k" * 64)})
+    server = channel.KVServer("127.0.0.1", 0, source, {"shm": ShmTransport(TOKEN)},
+                              auth_token=TOKEN)
+    server.start()
+    try:
+        header = {"op": "pull", "transport": "shm", "transfer_id": "t", "block_ids": [0],
+                  "layout": {}, "cache_ok": True}
+        with channel.connect_local(server.local_name, 5) as sock:
+            with pytest.raises(KVTransferError, match="unauthorized"):
+                channel.exchange(sock, header, None)
+        assert source.requests == [] and len(source.unauthorized) == 1
+        assert source.unauthorized == ["a local client"]
+        with channel.connect_local(server.local_name, 5) as sock:
+            channel.exchange(sock, {"op": "release", "transfer_id": "t"}, TOKEN)
+        assert source.released == ["t"]
+    finally:
+        server.close()

@@ -16,7 +16,7 @@ from collections.abc import Iterator
 import pytest
 
 from shuffleinfer.kv import shm_segments
-from shuffleinfer.kv.channel import connect, recv_frame, send_frame
+from shuffleinfer.kv.channel import KVServer, connect, recv_frame, send_frame
 from shuffleinfer.kv.shm import Filler, ShmTransport
 from shuffleinfer.kv.shm_segments import AttachedSegments, Segment, discard
 from shuffleinfer.kv.transport import KVTransferError, Peer, PullRequest
@@ -343,3 +343,42 @@ def test_the_client_copies_each_filled_part_while_the_server_fills_the_next(
         assert not _own_segments()  # a failed pull gives its segment up
     finally:
         listener.close()
+
+
+def _idle_families(transport: ShmTransport, peer: Peer) -> list[int]:
+    """Address families of the connections `transport` keeps idle to `peer`."""
+    return [sock.family for _, sock in transport._connections._idle.get(peer, [])]
+
+
+def test_later_pulls_dial_the_servers_local_listener_and_tcp_when_it_is_gone(
+        client: ShmTransport) -> None:
+    """The first pull's reply names the server's local listener; later pulls use it. A
+    server restarted on the same port has another one: the stale name is dropped, the
+    pull goes by TCP and learns the new name."""
+    source = FakeSource(_blocks(3, [4096, 70_001]))
+
+    def pull(peer: Peer, transfer_id: str) -> None:
+        dest = [bytearray(4096), bytearray(70_001)]
+        client.pull_views(peer, PullRequest(transfer_id, (0, 1), {}),
+                          [memoryview(d) for d in dest], timeout_s=10)
+        assert dest == [source.blocks[0], source.blocks[1]]
+
+    first = KVServer("127.0.0.1", 0, source, {"shm": ShmTransport()})
+    first.start()
+    peer = Peer(*first.address)
+    try:
+        pull(peer, "t0")
+        assert _idle_families(client, peer) == []  # the TCP one was let go once told
+        pull(peer, "t1")
+        assert _idle_families(client, peer) == [socket.AF_UNIX]
+    finally:
+        first.close()
+    second = KVServer("127.0.0.1", peer.port, source, {"shm": ShmTransport()})
+    second.start()
+    try:
+        pull(peer, "t2")  # the idle local connection is dead, so is the name: by TCP
+        pull(peer, "t3")
+        assert _idle_families(client, peer) == [socket.AF_UNIX]
+        assert second.local_name != first.local_name
+    finally:
+        second.close()
