@@ -29,7 +29,8 @@ sends cost less than TCP loopback's), and TCP again if it cannot be reached.
 A segment is in at most one pull at a time. A pull that failed in any way gives its
 segment up (unlinked at once): a server that stalled may still write into it later. The
 decode worker unlinks the rest at shutdown (`close`); see `shm_segments` for the
-segments' life, and for what is left behind when a worker dies.
+segments' life, and for what is left behind when a worker dies. The server's half of
+each path is in `shm_serving`.
 """
 
 from __future__ import annotations
@@ -40,10 +41,11 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from shuffleinfer.kv.block_views import KVCacheViews
-from shuffleinfer.kv.channel import connect, connect_local, frame, recv_frame, recv_ok, send_frame
+from shuffleinfer.kv.channel import connect, connect_local, frame, recv_ok, send_frame
 from shuffleinfer.kv.connections import ConnectionPool
 from shuffleinfer.kv.shared_cache import PeerCaches, address_of
 from shuffleinfer.kv.shm_segments import AttachedSegments, Segment, SegmentPool
+from shuffleinfer.kv.shm_serving import fill_segment, progress_teller, serve_mapped, where_mapped
 from shuffleinfer.kv.staging import copy_views
 from shuffleinfer.kv.tcp import pull_header
 from shuffleinfer.kv.transport import KVSource, KVTransferError, Peer, PullRequest, Transport
@@ -279,12 +281,12 @@ class ShmTransport(Transport):
     def serve_pull(self, sock: socket.socket, header: dict[str, Any],
                    request: PullRequest, source: KVSource) -> bool:
         try:
-            where = _where_mapped(header, request, source)
+            where = where_mapped(header, request, source)
         except KVTransferError as e:
             send_frame(sock, {"ok": False, "error": str(e)})
             return True
         if where is not None:
-            return _serve_mapped(sock, where | self._told(), request, source)
+            return serve_mapped(sock, where | self._told(), request, source)
         try:
             segment = self._attached.acquire(header.get("shm_name"), header.get("shm_bytes"))
         except KVTransferError as e:
@@ -299,8 +301,8 @@ class ShmTransport(Transport):
         ok = False
         try:
             try:
-                error = _fill(segment, int(header["shm_bytes"]), views,
-                              _progress(sock, header.get("progress_bytes")))
+                error = fill_segment(segment, int(header["shm_bytes"]), views,
+                                     progress_teller(sock, header.get("progress_bytes")))
             finally:
                 self._attached.release(segment)  # before the reply: the client reuses it
             send_frame(sock, {"ok": error is None, "error": error} | self._told())
@@ -325,86 +327,3 @@ class ShmTransport(Transport):
         self._attached.close()
         self._connections.close()
         self._caches.close()
-
-
-def _where_mapped(header: dict[str, Any], request: PullRequest, source: KVSource
-                  ) -> dict[str, Any] | None:
-    """Where the client may map the pull's bytes from, as far as its header allows, with
-    the lease granted: a staging segment first, then the shared cache; None (lease
-    untouched) if neither. A client that already copies from the shared cache (header
-    "claimed") is answered from it first. Raises KVTransferError to refuse (lease
-    untouched)."""
-    claimed = header.get("claimed")
-    claimed = claimed if isinstance(claimed, str) else None
-
-    def staged() -> dict[str, Any] | None:
-        if header.get("staged_ok") is not True:
-            return None
-        found = source.staged_for_pull(request)
-        return None if found is None else {"staged": found.segment.name, "runs": found.runs}
-
-    def cache() -> dict[str, Any] | None:
-        if header.get("cache_ok") is not True:
-            return None
-        found = source.shared_for_pull(request, claimed)
-        if found is None:
-            return None
-        described, runs = found
-        if runs is None:  # the client copies from this very cache: it has all it needs
-            return {"cache": {"id": claimed}}
-        return {"cache": described, "runs": runs}
-
-    for where in (cache, staged) if claimed is not None else (staged, cache):
-        found = where()
-        if found is not None:
-            return found
-    return None
-
-
-def _serve_mapped(sock: socket.socket, where: dict[str, Any], request: PullRequest,
-                  source: KVSource) -> bool:
-    """Say where the client maps the pull's bytes from (a staging segment, or the shared
-    cache) and the runs in it; the lease ends when the client says it copied them out
-    (or fails: then a staging segment is not reused)."""
-    ok = False
-    try:
-        send_frame(sock, {"ok": True, "error": None} | where)
-        ok = recv_frame(sock).get("op") == "done"
-    except (OSError, ValueError, KVTransferError) as e:
-        logger.warning("KV pull %s by shm (mapped) failed: %s", request.transfer_id, e)
-    finally:
-        source.on_pull_done(request.transfer_id, ok)
-    return ok
-
-
-def _progress(sock: socket.socket, step: object) -> Callable[[int], None] | None:
-    """What tells the client each time another `step` bytes are in (None: it did not
-    ask; it then copies everything after the final reply)."""
-    if not isinstance(step, int) or isinstance(step, bool) or step <= 0:
-        return None
-    told = 0
-
-    def tell(filled: int) -> None:
-        nonlocal told
-        if filled - told >= step:
-            send_frame(sock, {"ok": True, "filled": filled})
-            told = filled
-
-    return tell
-
-
-def _fill(segment: Segment, nbytes: int, views: Sequence[memoryview],
-          progress: Callable[[int], None] | None = None) -> str | None:
-    """Copy the granted blocks into the pull's first `nbytes` of the segment, calling
-    `progress` with the bytes in so far after each block; returns why not, if the
-    blocks do not fill exactly that."""
-    total = sum(len(v) for v in views)
-    if total != nbytes:
-        return f"shm segment has {nbytes} bytes, the blocks {total}"
-    offset = 0
-    for view in views:
-        segment.buf[offset:offset + len(view)] = view
-        offset += len(view)
-        if progress is not None:
-            progress(offset)
-    return None

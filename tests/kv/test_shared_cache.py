@@ -79,8 +79,8 @@ def test_a_pull_copies_while_its_request_is_on_the_way_only_under_a_live_lease(
     from shuffleinfer.kv import shm
 
     claims: list[object] = []
-    where_mapped = shm._where_mapped
-    monkeypatch.setattr(shm, "_where_mapped", lambda header, *args: (
+    where_mapped = shm.where_mapped
+    monkeypatch.setattr(shm, "where_mapped", lambda header, *args: (
         claims.append(header.get("claimed")), where_mapped(header, *args))[1])
     src, dst = vllm_kv_caches(0, "LBHNC"), vllm_kv_caches(1, "LBHNC")
     prefill = make_worker(src, block_dim=0, lease_s=0.2, lease_wait_s=0.2)
