@@ -230,12 +230,18 @@ class KVServer:
     def __init__(self, host: str, port: int, source: KVSource,
                  transports: Mapping[str, Transport], io_timeout_s: float = 30.0,
                  auth_token: str | None = None) -> None:
-        self.local_name = f"shuffleinfer-kv-{secrets.token_hex(8)}"
-        """The local listener's name in the abstract namespace (without its leading NUL:
-        `connect_local`); random, so that no other process holds it first."""
         self._server = _Server((host, port), _Handler)
-        self._servers: tuple[_Server | _LocalServer, ...] = (
-            self._server, _LocalServer("\0" + self.local_name, _Handler))
+        self._servers: list[_Server | _LocalServer] = [self._server]
+        self.local_name: str | None = f"shuffleinfer-kv-{secrets.token_hex(8)}"
+        """The local listener's name in the abstract namespace (without its leading NUL:
+        `connect_local`); random, so that no other process holds it first. None if this
+        system has no such namespace: clients on this host then dial TCP."""
+        try:
+            self._servers.append(_LocalServer("\0" + self.local_name, _Handler))
+        except OSError as e:
+            logger.warning("KV server without a local listener (%s): same-host clients "
+                           "dial it by TCP", e)
+            self.local_name = None
         connections: set[socket.socket] = set()
         lock = threading.Lock()
         for server in self._servers:
@@ -245,7 +251,8 @@ class KVServer:
             server.auth_token = auth_token
             server.open_connections, server.connections_lock = connections, lock
         for transport in transports.values():
-            transport.served_locally_at(self.local_name)
+            if self.local_name is not None:
+                transport.served_locally_at(self.local_name)
         # A short poll interval only so that close() (engine shutdown) returns promptly.
         self._threads = [threading.Thread(
             target=server.serve_forever, kwargs={"poll_interval": 0.05},
