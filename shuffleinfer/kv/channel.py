@@ -242,16 +242,17 @@ class KVServer:
             logger.warning("KV server without a local listener (%s): same-host clients "
                            "dial it by TCP", e)
             self.local_name = None
+        served = dict(transports)
         connections: set[socket.socket] = set()
         lock = threading.Lock()
-        for server in self._servers:
+        for server in self._servers:  # both listeners serve the same, tracked together
             server.source = source
-            server.transports = dict(transports)
+            server.transports = served
             server.io_timeout_s = io_timeout_s
             server.auth_token = auth_token
             server.open_connections, server.connections_lock = connections, lock
-        for transport in transports.values():
-            if self.local_name is not None:
+        if self.local_name is not None:
+            for transport in served.values():
                 transport.served_locally_at(self.local_name)
         # A short poll interval only so that close() (engine shutdown) returns promptly.
         self._threads = [threading.Thread(
