@@ -18,7 +18,7 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
-from shuffleinfer.cli_args import positive_int
+from shuffleinfer.cli_args import engine_arg, positive_int
 from shuffleinfer.predictor.data import default_prompts_file
 
 _RUN_FAILED, _USAGE = 1, 2
@@ -65,6 +65,10 @@ def add_predictor_parser(subparsers: argparse._SubParsersAction) -> argparse.Arg
                        default="auto", help="engine dtype; label with the dtype you serve "
                        "(outputs differ between dtypes). auto, like `serve`: float32 on CPU, "
                        "the model's own dtype on GPU (default: auto)")
+    label.add_argument("--engine-arg", dest="engine_args", action="append", type=engine_arg,
+                       default=[], metavar="KEY=VALUE",
+                       help="extra vLLM engine argument, as for serve (repeatable; e.g. "
+                       "enforce_eager=true starts sooner on CPU)")
     label.set_defaults(handler=run_label)
 
     ev = sub.add_parser("eval", help="evaluate the predictor against baselines",
@@ -100,8 +104,18 @@ def run_label(args: argparse.Namespace) -> int:
     """Handle `predictor label`; return the exit code."""
     from shuffleinfer.model import DEFAULT_MODEL, ModelPrepareError, resolve_model
     from shuffleinfer.predictor.data import read_prompts, select_prompts
-    from shuffleinfer.predictor.label import VllmLabelEngine, label_prompts, set_cpu_engine_env
+    from shuffleinfer.predictor.label import (
+        LABEL_OWNS,
+        VllmLabelEngine,
+        label_prompts,
+        set_cpu_engine_env,
+    )
     from shuffleinfer.predictor.labels import describe, read_labels
+
+    if owned := sorted(set(LABEL_OWNS) & {key for key, _ in args.engine_args}):
+        print(f"shuffleinfer predictor label: error: invalid --engine-arg: label sets "
+              f"{', '.join(owned)} itself", file=sys.stderr)
+        return _USAGE
 
     def make_engine() -> VllmLabelEngine:
         set_cpu_engine_env()
@@ -109,7 +123,7 @@ def run_label(args: argparse.Namespace) -> int:
                                max_tokens=args.max_tokens,
                                max_prompt_tokens=args.max_prompt_tokens,
                                max_in_flight=args.max_in_flight, dtype=args.dtype,
-                               seed=args.seed)
+                               seed=args.seed, engine_args=dict(args.engine_args))
 
     try:
         records = select_prompts(read_prompts(args.data or default_prompts_file()),

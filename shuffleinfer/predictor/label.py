@@ -26,6 +26,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from tqdm import tqdm
 
@@ -151,18 +152,24 @@ def resolve_dtype(dtype: str) -> str:
     return "auto" if torch.cuda.is_available() else "float32"
 
 
+LABEL_OWNS = ("dtype", "enable_prefix_caching", "max_model_len", "model", "seed")
+"""Engine arguments the labeller sets itself (from its own flags)."""
+
+
 class VllmLabelEngine(LabelEngine):
     """vLLM's offline engine (`LLM`) over a model, prefix caching on, fed continuously."""
 
     def __init__(self, model: str, *, max_tokens: int, max_prompt_tokens: int,
-                 max_in_flight: int = 64, dtype: str = "auto", seed: int = 0) -> None:
+                 max_in_flight: int = 64, dtype: str = "auto", seed: int = 0,
+                 engine_args: dict[str, Any] | None = None) -> None:
         from vllm import LLM
 
         dtype = resolve_dtype(dtype)
         self.max_tokens = max_tokens
         self.max_in_flight = max_in_flight
         self.llm = LLM(model=model, dtype=dtype, seed=seed,  # type: ignore[arg-type]
-                       enable_prefix_caching=True, max_model_len=max_prompt_tokens + max_tokens)
+                       enable_prefix_caching=True, max_model_len=max_prompt_tokens + max_tokens,
+                       **(engine_args or {}))
         self.tokenizer = self.llm.get_tokenizer()
 
     def tokenize(self, record: PromptRecord) -> list[int]:

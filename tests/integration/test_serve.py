@@ -223,12 +223,12 @@ def _settled_free_kv(server: str) -> tuple[dict[str, int], list[dict]]:
 def test_a_thousand_aborted_requests_leave_every_instance_s_kv_as_it_was(
         server: str) -> None:
     before, _ = _settled_free_kv(server)
-    rng = random.Random(0)
     tokens_seen: dict[int, int] = {}
 
     async def one(client: httpx.AsyncClient, i: int) -> None:
         # Gone at a random moment (queued, prefilling, handing over or decoding), or
         # after reading a few tokens; none could finish in time (200 tokens to make).
+        rng = random.Random(i)
         body = {"prompt": f"{i}. " + "Tell me about the history of Rome. " * rng.randint(1, 20),
                 "max_tokens": 200, "ignore_eos": True, "stream": True}
         read_up_to, give_up_s = rng.randint(1, 8), rng.uniform(0.05, 3.0)
@@ -236,7 +236,7 @@ def test_a_thousand_aborted_requests_leave_every_instance_s_kv_as_it_was(
 
         async def read() -> bool:
             async with client.stream("POST", "/v1/completions", json=body) as r:
-                if r.status_code == 429:  # the last wave's slots are not all back yet
+                if r.status_code == 429:  # slots of those just gone are not all back yet
                     return False
                 assert r.status_code == 200
                 async for line in r.aiter_lines():
@@ -254,9 +254,16 @@ def test_a_thousand_aborted_requests_leave_every_instance_s_kv_as_it_was(
             await asyncio.sleep(1)  # refused: send it again, so 1,000 do go away
 
     async def run() -> None:
+        # 20 at a time, under the server's limit of held requests: each of 20 senders
+        # takes the next of the 1,000 as soon as its last one has gone.
+        numbers = iter(range(1000))
+
+        async def sender(client: httpx.AsyncClient) -> None:
+            for i in numbers:
+                await one(client, i)
+
         async with httpx.AsyncClient(base_url=server, timeout=60) as client:
-            for wave in range(50):  # 20 at a time: under the server's limit of held requests
-                await asyncio.gather(*(one(client, 20 * wave + k) for k in range(20)))
+            await asyncio.gather(*(sender(client) for _ in range(20)))
 
     asyncio.run(run())
     got = sorted(tokens_seen.values())

@@ -115,3 +115,18 @@ def test_the_summary_line_gives_the_length_distribution() -> None:
                      "stop") for i, n in enumerate([5, 10, 20, 20])]
     assert describe(rows, "greedy") == "greedy: 4 labels, median 15, p90 20, 50% cut at max_tokens"
     assert describe([], "sampled") == "sampled: no labels"
+
+
+
+def test_a_bad_engine_arg_stops_label_before_any_engine_starts(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from shuffleinfer.cli import main
+
+    out = tmp_path / "labels.csv"
+    args = ["predictor", "label", "--out", str(out), "--limit", "1"]
+    assert main([*args, "--engine-arg", "max_model_len=99"]) == 2
+    assert "invalid --engine-arg: label sets max_model_len itself" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main([*args, "--engine-arg", "enforce_eager"])  # no "="
+    assert "--engine-arg" in capsys.readouterr().err
+    assert not out.exists()

@@ -111,9 +111,13 @@ async def drill(base: str, victim_pid: int, when: str) -> tuple[list[tuple], flo
 
 
 def test_requests_survive_a_prefill_and_a_decode_instance_dying(url: str) -> None:
-    with httpx.Client(base_url=url, timeout=600) as client:
-        reference = [client.post("/v1/completions", json=body(p, False)).json()
-                     ["choices"][0]["text"] for p in PROMPTS]
+    async def texts() -> list[str]:  # all at once: both prefill instances busy
+        async with httpx.AsyncClient(base_url=url, timeout=600) as client:
+            replies = await asyncio.gather(*(client.post("/v1/completions",
+                                                         json=body(p, False)) for p in PROMPTS))
+        return [r.json()["choices"][0]["text"] for r in replies]
+
+    reference = asyncio.run(texts())
 
     results, stall, status = asyncio.run(drill(url, pids(url)["prefill-0"], "queued"))
     assert [r[0] for r in results] == reference
