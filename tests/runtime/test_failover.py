@@ -89,7 +89,8 @@ async def stream(client: httpx.AsyncClient, prompt: str, arrivals: list[float]
 
 async def drill(base: str, victim_pid: int, when: str) -> tuple[list[tuple], float, str]:
     """Stream every prompt at once; kill the process `victim_pid` once the prompts are
-    queued (when="queued") or once every stream has tokens (when="decoding"). Returns
+    queued (when="queued") or once three streams are decoding at once (when="decoding":
+    in a slow spell the first streams end before the last prefill ends). Returns
     the streams' results, the longest gap between two chunks of a stream after the kill,
     and what /health said just after it."""
     async with httpx.AsyncClient(base_url=base, timeout=600) as client:
@@ -98,8 +99,10 @@ async def drill(base: str, victim_pid: int, when: str) -> tuple[list[tuple], flo
                  for p, a in zip(PROMPTS, arrivals, strict=True)]
         if when == "queued":  # placed and queued on both prefill instances by then
             await asyncio.sleep(1.5)
-        else:
-            while not all(len(a) >= 4 for a in arrivals):
+        else:  # three streams decoding at once are on both decode instances (least load)
+            while not (sum(len(a) >= 4 and not t.done() for a, t in zip(arrivals, tasks,
+                                                                         strict=True)) >= 3
+                       or all(len(a) >= 4 for a in arrivals)):
                 await asyncio.sleep(0.05)
         killed_at = time.monotonic()
         os.kill(victim_pid, signal.SIGKILL)
