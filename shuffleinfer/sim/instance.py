@@ -19,6 +19,13 @@ the simulator needs one event per request end rather than one per token. New wor
 arrives during a macro step cuts it at the end of the step in progress, as vLLM would take
 it at its next step.
 
+Likewise a prompt alone on an instance with no decodes runs all its chunks as one event.
+The order policy runs a started prompt first, so a prompt arriving meanwhile can only
+get the room the prompt's last chunk leaves: it cuts the event before that chunk (if the
+chunk has room and has not started). A decode handed over meanwhile cuts it at the end of
+the chunk in progress. The monitor sees the chunks done so far (`view(now)`). So the run
+is the one that chunk-by-chunk events would give (a test checks it).
+
 Accounting for the running decodes is by sums, O(1) per event: a decode that joined at
 step j has made `1 + step - j` tokens (its first came from the prefill).
 """
@@ -26,6 +33,7 @@ step j has made `1 + step - j` tokens (its first came from the prefill).
 from __future__ import annotations
 
 import heapq
+from bisect import bisect_right
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -71,6 +79,10 @@ class _LazyRunning(Sequence[RunningDecode]):
 
 class SimInstance:
     """A simulated engine."""
+
+    lone_prompt_as_one_event = True
+    """False: a lone prompt's chunks are one event each (the reference the test compares
+    with)."""
 
     def __init__(self, instance_id: str, *, chunk_size: int, kv_capacity_tokens: int,
                  cost: LinearCost, order: PrefillOrderPolicy, admission: AdmissionPolicy,
@@ -142,13 +154,18 @@ class SimInstance:
         made = len(self._running) * (1 + self.step) - self._sum_join
         return max(self._sum_point - made, 0)
 
-    def view(self) -> InstanceView:
-        """What the cluster monitor reports of this instance (its load now)."""
+    def view(self, now: float) -> InstanceView:
+        """What the cluster monitor reports of this instance (its load at `now`)."""
         b = len(self._running)
         made = b * (1 + self.step) - self._sum_join
         held = self._sum_prompt + made + self._joining_tokens + self._prompts_held
+        queued = self._queued_tokens
+        step = self.current
+        if step is not None and step.chunk_ends_s:  # a lone prompt's chunks done so far
+            queued -= self.chunk_size * bisect_right(step.chunk_ends_s, now, 0,
+                                                     len(step.chunk_ends_s) - 1)
         return InstanceView(self.instance_id, b + len(self.queue) + len(self.waiting),
-                            self._queued_tokens, max(self.kv_capacity_tokens - held, 0),
+                            queued, max(self.kv_capacity_tokens - held, 0),
                             self.num_heavy, self.num_light, max(self._sum_point - made, 0))
 
     def running_views(self) -> Iterator[RunningDecode]:
@@ -205,6 +222,11 @@ class SimInstance:
             return self._start_decodes(now) if self._running else self._idle()
         if not self.chunked:
             return self._start_whole_prompts(now)
+        if (len(self.queue) == 1 and self.lone_prompt_as_one_event and not self._running
+                and not self.waiting):
+            step = self._start_lone_prompt(now)
+            if step is not None:
+                return step
         budget = self.chunk_size - (len(self._running) if self.colocated else 0)
         slices: list[tuple[SimRequest, int]] = []
         tokens, attn = 0, 0.0
@@ -228,6 +250,29 @@ class SimInstance:
                 req.prefill_started_s = now
                 self._prompts_held += req.prompt_tokens
         self.current = step
+        self.version += 1
+        return step
+
+    def _start_lone_prompt(self, now: float) -> Step | None:
+        """All the chunks of the only queued prompt as one step (None when it has one
+        chunk left). Each chunk takes what a step of that chunk alone would take."""
+        ((index, prompt),) = self.queue.items()
+        size, left = self.chunk_size, prompt.num_remaining_tokens
+        if left <= size:
+            return None
+        done, t, ends = prompt.num_computed_tokens, now, []
+        context = self.context_tokens()
+        while left > 0:
+            n = min(size, left)
+            t += self.cost.step_s(n, 0.0 + n * (done + n), 0, context)
+            done, left = done + n, left - n
+            ends.append(t)
+        req = self.queued[index]
+        step = self.current = Step(now, t, len(ends), slices=((req, prompt.num_remaining_tokens),),
+                                   chunk_ends_s=tuple(ends))
+        if req.prefill_started_s is None:
+            req.prefill_started_s = now
+            self._prompts_held += req.prompt_tokens
         self.version += 1
         return step
 
@@ -294,18 +339,41 @@ class SimInstance:
             last_window = w
         return chosen
 
-    def cut(self, now: float) -> bool:
-        """New work arrived at `now`: end a macro step at the end of the step in progress.
-        Returns True if the step's end moved (the caller reschedules it)."""
+    def cut(self, now: float, prompt: bool = False) -> bool:
+        """New work arrived at `now` (a prompt, or else a decode): end a macro step at the
+        end of the step in progress. Returns True if the step's end moved (the caller
+        reschedules it)."""
         step = self.current
         if step is None or step.steps <= 1:
             return False
+        if step.chunk_ends_s:
+            return self._cut_chunks(step, now, prompt)
         done = steps_within(now - step.started_s, step.first_step_s, step.growth_s)
         keep = min(done + 1, step.steps)
         if keep == step.steps:
             return False
         step.steps = keep
         step.ends_s = step.started_s + macro_s(keep, step.first_step_s, step.growth_s)
+        self.version += 1
+        return True
+
+    def _cut_chunks(self, step: Step, now: float, prompt: bool) -> bool:
+        """New work for a lone prompt's chunks at `now`. A decode joins after the chunk in
+        progress; a prompt can only get the room the last chunk leaves, so the chunks
+        stop before the last one (if it has room and has not started)."""
+        ((req, tokens),) = step.slices
+        ends = step.chunk_ends_s
+        if not prompt:
+            keep = bisect_right(ends, now) + 1
+        elif tokens % self.chunk_size and now <= ends[-2]:  # (an arrival goes first at a tie)
+            keep = len(ends) - 1
+        else:
+            return False
+        if keep >= len(ends):
+            return False
+        step.steps, step.slices = keep, ((req, keep * self.chunk_size),)
+        step.chunk_ends_s = ends[:keep]
+        step.ends_s = ends[keep - 1]
         self.version += 1
         return True
 

@@ -152,6 +152,9 @@ class Simulator:
         self._flips = c.flip_policy != "never"
         self._held: dict[str, int] = dict.fromkeys(self.instances, 0)
         self._in_flight = 0
+        self._chunking: set[str] = set()
+        """Instances running a lone prompt's chunks as one event: the monitor looks at
+        them at every tick (a chunk may have ended since, without an event)."""
 
     def _clock(self) -> float:
         return self.now
@@ -256,20 +259,23 @@ class Simulator:
         self._wake(instance)
 
     def _wake(self, instance: SimInstance) -> None:
-        """New work for `instance`: start a step if idle, else cut a long macro step."""
+        """A prompt for `instance`: start a step if idle, else cut a long macro step."""
         if instance.current is None:
             self._start(instance)
-        elif instance.cut(self.now):
+        elif instance.cut(self.now, prompt=True):
             self._push(instance.current.ends_s, _STEP_END, (instance, instance.version))
 
     def _start(self, instance: SimInstance) -> None:
         step = instance.start_step(self.now)
         if step is not None:
             self._push(step.ends_s, _STEP_END, (instance, instance.version))
+            if step.chunk_ends_s:
+                self._chunking.add(instance.instance_id)
 
     def _step_end(self, instance: SimInstance) -> int:
         prefilled, ended = instance.finish_step()
         self.views.dirty.add(instance.instance_id)
+        self._chunking.discard(instance.instance_id)
         for req in ended:
             self._end(req)
         for req in prefilled:
@@ -290,6 +296,8 @@ class Simulator:
             heapq.heappush(self._events, (step.ends_s, self._seq, _STEP_END,
                                           (instance, instance.version)))
             self._seq += 1
+            if step.chunk_ends_s:
+                self._chunking.add(instance.instance_id)
         return len(ended) + sum(r.output_tokens == 1 for r in prefilled)
 
     def _end(self, req: SimRequest) -> None:
@@ -336,11 +344,12 @@ class Simulator:
     # --- the cluster monitor ---
 
     def _refresh_views(self, ids: Iterable[str]) -> None:
-        instances, views = self.instances, self.views
+        instances, views, now = self.instances, self.views, self.now
         for i in ids:
-            views[i] = instances[i].view()
+            views[i] = instances[i].view(now)
 
     def _monitor(self) -> None:
+        self.views.dirty |= self._chunking
         self._refresh_views(self.views.dirty)
         self.views.dirty.clear()
         if not self._flips:

@@ -16,11 +16,14 @@ class Step:
     started_s: float
     ends_s: float
     steps: int
-    """Engine steps it covers (1 for a step with prompt work)."""
+    """Engine steps it covers (1 for a step with prompt work, but for a lone prompt's
+    chunks: one per chunk)."""
     first_step_s: float = 0.0
     growth_s: float = 0.0
     """Each further step of a macro step costs this much more than the one before."""
     slices: tuple[tuple[SimRequest, int], ...] = ()
+    chunk_ends_s: tuple[float, ...] = ()
+    """A lone prompt's full chunks run as one event: when each of them ends."""
 
 
 def macro_s(n: int, first_s: float, growth_s: float) -> float:

@@ -18,6 +18,12 @@ SIMPLE = LinearCost("simple", prefill_base_s=0.010, prefill_per_token_s=0.001,
                     prefill_per_attn_s=0.0, decode_base_s=0.005, decode_per_req_s=0.001,
                     decode_per_ctx_s=0.0, kv_bytes_per_token=1.0, link_bytes_per_s=1000.0)
 
+COSTLY_ATTENTION = LinearCost("attention", prefill_base_s=0.010, prefill_per_token_s=0.0005,
+                              prefill_per_attn_s=1e-6, decode_base_s=0.005,
+                              decode_per_req_s=0.001, decode_per_ctx_s=1e-5,
+                              kv_bytes_per_token=1.0, link_bytes_per_s=5000.0)
+"""Each chunk of a prompt costs more than the one before (attention over what is done)."""
+
 
 def stream(n: int, seed: int, rate: float = 20.0) -> list[TraceRequest]:
     rng = random.Random(seed)
@@ -101,6 +107,37 @@ def test_every_request_ends_once_and_in_order_of_its_life(config: SimConfig) -> 
         assert t.arrival_s < r.first_token_at_s <= r.finished_at_s
     busy = sum(result.busy_s.values())
     assert 0 < busy <= result.num_instances * result.duration_s
+
+
+@pytest.mark.parametrize(("config", "rate"), [
+    (SimConfig(num_prefill=3, num_decode=3, chunk_size=64, prefill_policy="least_load",
+               flip_policy="idle_or_imbalance", kv_capacity_tokens=8_000), 3.0),
+    (SimConfig(num_prefill=2, num_decode=2, chunk_size=32, monitor_interval_s=0.02), 3.0),
+    (SimConfig(colocated=3, chunk_size=64), 0.5),  # (idle enough to have lone prompts)
+], ids=["least-load-flips", "small-chunks", "colocated"])
+def test_a_lone_prompt_s_chunks_as_one_event_change_nothing(
+        config: SimConfig, rate: float, monkeypatch: pytest.MonkeyPatch) -> None:
+    from shuffleinfer.sim.instance import SimInstance
+
+    reqs = stream(500, seed=5, rate=rate)
+    as_one = []
+    start_lone_prompt = SimInstance._start_lone_prompt
+
+    def counted(self: SimInstance, now: float) -> object:
+        step = start_lone_prompt(self, now)
+        as_one.append(step is not None)
+        return step
+
+    monkeypatch.setattr(SimInstance, "_start_lone_prompt", counted)
+    fast = simulate(reqs, config, COSTLY_ATTENTION)
+    assert sum(as_one) >= 10  # (the case is exercised)
+    monkeypatch.setattr(SimInstance, "lone_prompt_as_one_event", False)
+    chunk_by_chunk = simulate(reqs, config, COSTLY_ATTENTION)
+    assert fast.placements == chunk_by_chunk.placements
+    assert fast.num_flips == chunk_by_chunk.num_flips
+    for a, b in zip(fast.records, chunk_by_chunk.records, strict=True):
+        assert a.first_token_at_s == pytest.approx(b.first_token_at_s, abs=1e-9)
+        assert a.finished_at_s == pytest.approx(b.finished_at_s, abs=1e-9)
 
 
 def test_same_seed_same_result_other_seed_other_result() -> None:
