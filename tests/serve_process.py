@@ -16,7 +16,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-STARTUP_TIMEOUT_S = 600
+STARTUP_TIMEOUT_S = 900
 
 
 def free_port() -> int:

@@ -9,6 +9,7 @@ import random
 import socket
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -24,6 +25,7 @@ from tests.integration.conftest import (
     metric_values,
     real_chat_prompts,
 )
+from tests.serve_process import stop_group
 
 pytestmark = pytest.mark.engine
 
@@ -39,16 +41,35 @@ def prompts(tokenizer) -> list[list[int]]:  # noqa: ANN001
 
 
 @pytest.fixture(scope="module")
-def reference(model_path: str, prompts: list[list[int]], tmp_path_factory) -> list[dict]:  # noqa: ANN001
-    """Greedy outputs of one colocated stock vLLM engine (float32, like the server)."""
+def reference_run(model_path: str, prompts: list[list[int]],
+                  tmp_path_factory: pytest.TempPathFactory
+                  ) -> Iterator[tuple[subprocess.Popen[bytes], Path]]:
+    """One colocated stock vLLM engine (float32, like the server) making the greedy
+    outputs, started before the server fixture so both start up at once."""
     tmp = tmp_path_factory.mktemp("reference")
     (tmp / "prompts.json").write_text(json.dumps(prompts))
     script = Path(__file__).with_name("colocated_reference.py")
-    subprocess.run([sys.executable, str(script), model_path, str(tmp / "prompts.json"),
-                    str(tmp / "out.json"), "--max-tokens", str(MAX_TOKENS),
-                    "--max-model-len", str(MAX_MODEL_LEN), "--dtype", "float32"],
-                   check=True, timeout=900, cwd=tmp,
-                   env=os.environ | {"VLLM_CPU_KVCACHE_SPACE": "1"})
+    with open(tmp / "reference.log", "wb") as log:
+        proc = subprocess.Popen([sys.executable, str(script), model_path,
+                                 str(tmp / "prompts.json"), str(tmp / "out.json"),
+                                 "--max-tokens", str(MAX_TOKENS),
+                                 "--max-model-len", str(MAX_MODEL_LEN), "--dtype", "float32"],
+                                cwd=tmp, stdout=log, stderr=subprocess.STDOUT,
+                                env=os.environ | {"VLLM_CPU_KVCACHE_SPACE": "1"},
+                                start_new_session=True)
+    try:
+        yield proc, tmp
+    finally:
+        stop_group(proc)
+
+
+@pytest.fixture(scope="module")
+def reference(reference_run: tuple[subprocess.Popen[bytes], Path], server: str) -> list[dict]:
+    """The reference's greedy outputs (waited for once the server is up)."""
+    proc, tmp = reference_run
+    if proc.wait(timeout=900) != 0:
+        pytest.fail(f"colocated reference exited with {proc.returncode}:\n"
+                    f"{(tmp / 'reference.log').read_text()[-4000:]}")
     return json.loads((tmp / "out.json").read_text())
 
 
