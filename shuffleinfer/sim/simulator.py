@@ -278,11 +278,13 @@ class Simulator:
         self._chunking.discard(instance.instance_id)
         for req in ended:
             self._end(req)
+        num_ended = len(ended)
         for req in prefilled:
             self._held[instance.instance_id] -= 1
             if req.output_tokens == 1:
                 req.finished_s = req.first_token_s
                 self._end(req)
+                num_ended += 1
             elif self.config.colocated:
                 self._held[instance.instance_id] += 1
                 req.decode_id = instance.instance_id
@@ -298,7 +300,7 @@ class Simulator:
             self._seq += 1
             if step.chunk_ends_s:
                 self._chunking.add(instance.instance_id)
-        return len(ended) + sum(r.output_tokens == 1 for r in prefilled)
+        return num_ended
 
     def _end(self, req: SimRequest) -> None:
         if req.decode_id is not None:
@@ -344,9 +346,8 @@ class Simulator:
     # --- the cluster monitor ---
 
     def _refresh_views(self, ids: Iterable[str]) -> None:
-        instances, views, now = self.instances, self.views, self.now
-        for i in ids:
-            views[i] = instances[i].view(now)
+        instances, now = self.instances, self.now
+        self.views.update(instances[i].view(now) for i in ids)
 
     def _monitor(self) -> None:
         self.views.dirty |= self._chunking

@@ -38,3 +38,13 @@ class ViewBoard:
         where = self._where.get(instance_id)
         if where is not None:
             self._lists[where[0]][where[1]] = view
+
+    def update(self, fresh: Iterable[InstanceView]) -> None:
+        """Set many views at once (a monitor tick's)."""
+        views, lists, where = self.views, self._lists, self._where
+        for view in fresh:
+            i = view.instance_id
+            views[i] = view
+            place = where.get(i)
+            if place is not None:
+                lists[place[0]][place[1]] = view
