@@ -19,12 +19,9 @@ the simulator needs one event per request end rather than one per token. New wor
 arrives during a macro step cuts it at the end of the step in progress, as vLLM would take
 it at its next step.
 
-Likewise a prompt alone on an instance with no decodes runs all its chunks as one event.
-The order policy runs a started prompt first, so a prompt arriving meanwhile can only
-get the room the prompt's last chunk leaves: it cuts the event before that chunk (if the
-chunk has room and has not started). A decode handed over meanwhile cuts it at the end of
-the chunk in progress. The monitor sees the chunks done so far (`view(now)`). So the run
-is the one that chunk-by-chunk events would give (a test checks it).
+Likewise a prompt alone on an instance with no decodes runs all its chunks as one event
+(`timing.chunk_ends_s`, `timing.chunks_kept`), which gives the run chunk-by-chunk events
+would (a test checks it); the monitor sees the chunks done so far (`view(now)`).
 
 Accounting for the running decodes is by sums, O(1) per event: a decode that joined at
 step j has made `1 + step - j` tokens (its first came from the prefill).
@@ -51,7 +48,7 @@ from shuffleinfer.scheduler.policies.prefill_order import (
 from shuffleinfer.scheduler.prediction import Prediction
 from shuffleinfer.sim.cost import LinearCost
 from shuffleinfer.sim.request import SimRequest
-from shuffleinfer.sim.timing import Step, macro_s, steps_within
+from shuffleinfer.sim.timing import Step, chunk_ends_s, chunks_kept, macro_s, steps_within
 
 
 class _LazyRunning(Sequence[RunningDecode]):
@@ -81,8 +78,7 @@ class SimInstance:
     """A simulated engine."""
 
     lone_prompt_as_one_event = True
-    """False: a lone prompt's chunks are one event each (the reference the test compares
-    with)."""
+    """False: a lone prompt's chunks are one event each (what the test compares with)."""
 
     def __init__(self, instance_id: str, *, chunk_size: int, kv_capacity_tokens: int,
                  cost: LinearCost, order: PrefillOrderPolicy, admission: AdmissionPolicy,
@@ -260,16 +256,11 @@ class SimInstance:
         size, left = self.chunk_size, prompt.num_remaining_tokens
         if left <= size:
             return None
-        done, t, ends = prompt.num_computed_tokens, now, []
-        context = self.context_tokens()
-        while left > 0:
-            n = min(size, left)
-            t += self.cost.step_s(n, 0.0 + n * (done + n), 0, context)
-            done, left = done + n, left - n
-            ends.append(t)
+        ends = chunk_ends_s(self.cost, now, size, prompt.num_computed_tokens, left,
+                            self.context_tokens())
         req = self.queued[index]
-        step = self.current = Step(now, t, len(ends), slices=((req, prompt.num_remaining_tokens),),
-                                   chunk_ends_s=tuple(ends))
+        step = self.current = Step(now, ends[-1], len(ends), slices=((req, left),),
+                                   chunk_ends_s=ends)
         if req.prefill_started_s is None:
             req.prefill_started_s = now
             self._prompts_held += req.prompt_tokens
@@ -358,22 +349,14 @@ class SimInstance:
         return True
 
     def _cut_chunks(self, step: Step, now: float, prompt: bool) -> bool:
-        """New work for a lone prompt's chunks at `now`. A decode joins after the chunk in
-        progress; a prompt can only get the room the last chunk leaves, so the chunks
-        stop before the last one (if it has room and has not started)."""
+        """New work for a lone prompt's chunks at `now` (see `chunks_kept`)."""
         ((req, tokens),) = step.slices
-        ends = step.chunk_ends_s
-        if not prompt:
-            keep = bisect_right(ends, now) + 1
-        elif tokens % self.chunk_size and now <= ends[-2]:  # (an arrival goes first at a tie)
-            keep = len(ends) - 1
-        else:
-            return False
-        if keep >= len(ends):
+        keep = chunks_kept(step.chunk_ends_s, now, self.chunk_size, tokens, prompt)
+        if keep is None:
             return False
         step.steps, step.slices = keep, ((req, keep * self.chunk_size),)
-        step.chunk_ends_s = ends[:keep]
-        step.ends_s = ends[keep - 1]
+        step.chunk_ends_s = step.chunk_ends_s[:keep]
+        step.ends_s = step.chunk_ends_s[-1]
         self.version += 1
         return True
 
