@@ -31,7 +31,7 @@ class Step:
     """Each further step of a macro step costs this much more than the one before."""
     slices: tuple[tuple[SimRequest, int], ...] = ()
     chunk_ends_s: tuple[float, ...] = ()
-    """A lone prompt's full chunks run as one event: when each of them ends."""
+    """A lone prompt's chunks run as one event: when each of them ends."""
 
 
 def macro_s(n: int, first_s: float, growth_s: float) -> float:
