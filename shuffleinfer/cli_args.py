@@ -1,9 +1,10 @@
-"""Argument types shared by the command-line tools (serve, calibrate)."""
+"""Argument types shared by the command-line tools (serve, calibrate, predictor)."""
 
 from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Iterable
 from typing import Any
 
 
@@ -38,6 +39,14 @@ def engine_arg(text: str) -> tuple[str, Any]:
     except json.JSONDecodeError:
         parsed = value
     return key.replace("-", "_"), parsed
+
+
+def owned_engine_args(command: str, keys: Iterable[str], owns: Iterable[str]) -> str | None:
+    """The error for `--engine-arg` KEYS that `command` sets itself, or None."""
+    owned = sorted(set(owns) & set(keys))
+    if not owned:
+        return None
+    return f"invalid --engine-arg: {command} sets {', '.join(owned)} itself"
 
 
 def positive_int(text: str) -> int:

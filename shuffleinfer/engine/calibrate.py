@@ -32,7 +32,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from shuffleinfer.cli_args import engine_arg, positive_int
+from shuffleinfer.cli_args import engine_arg, owned_engine_args, positive_int
 from shuffleinfer.config import DEFAULT_MODEL_NAME, ServeConfig
 from shuffleinfer.engine.calibration import (
     MAX_CHUNK_SIZE,
@@ -126,9 +126,8 @@ def add_calibrate_parser(subparsers: argparse._SubParsersAction) -> argparse.Arg
 def run_calibrate(args: argparse.Namespace) -> int:
     """Handle `calibrate`: measure, print the table, write the JSON and the plot."""
     engine_args = dict(args.engine_args)
-    owned = sorted(set(CALIBRATE_OWNS) & set(engine_args))
-    if owned:
-        return _usage_error(f"invalid --engine-arg: calibrate sets {', '.join(owned)} itself")
+    if error := owned_engine_args("calibrate", engine_args, CALIBRATE_OWNS):
+        return _usage_error(error)
     if args.profile_quick and not args.profile:
         return _usage_error("--profile-quick needs --profile")
     if args.profile and (args.sizes != DEFAULT_SIZES or args.threshold != DEFAULT_THRESHOLD):

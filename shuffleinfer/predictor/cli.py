@@ -18,7 +18,7 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
-from shuffleinfer.cli_args import engine_arg, positive_int
+from shuffleinfer.cli_args import engine_arg, owned_engine_args, positive_int
 from shuffleinfer.predictor.data import default_prompts_file
 
 _RUN_FAILED, _USAGE = 1, 2
@@ -112,9 +112,8 @@ def run_label(args: argparse.Namespace) -> int:
     )
     from shuffleinfer.predictor.labels import describe, read_labels
 
-    if owned := sorted(set(LABEL_OWNS) & {key for key, _ in args.engine_args}):
-        print(f"shuffleinfer predictor label: error: invalid --engine-arg: label sets "
-              f"{', '.join(owned)} itself", file=sys.stderr)
+    if error := owned_engine_args("label", (key for key, _ in args.engine_args), LABEL_OWNS):
+        print(f"shuffleinfer predictor label: error: {error}", file=sys.stderr)
         return _USAGE
 
     def make_engine() -> VllmLabelEngine:

@@ -117,7 +117,6 @@ def test_the_summary_line_gives_the_length_distribution() -> None:
     assert describe([], "sampled") == "sampled: no labels"
 
 
-
 def test_a_bad_engine_arg_stops_label_before_any_engine_starts(
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from shuffleinfer.cli import main
