@@ -293,13 +293,7 @@ class Simulator:
                 self._to_decode(req)
         if ended:
             instance.admit_decodes()
-        step = instance.start_step(self.now)
-        if step is not None:
-            heapq.heappush(self._events, (step.ends_s, self._seq, _STEP_END,
-                                          (instance, instance.version)))
-            self._seq += 1
-            if step.chunk_ends_s:
-                self._chunking.add(instance.instance_id)
+        self._start(instance)
         return num_ended
 
     def _end(self, req: SimRequest) -> None:

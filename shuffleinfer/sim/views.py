@@ -34,10 +34,8 @@ class ViewBoard:
         return self.views[instance_id]
 
     def __setitem__(self, instance_id: str, view: InstanceView) -> None:
-        self.views[instance_id] = view
-        where = self._where.get(instance_id)
-        if where is not None:
-            self._lists[where[0]][where[1]] = view
+        assert view.instance_id == instance_id
+        self.update((view,))
 
     def update(self, fresh: Iterable[InstanceView]) -> None:
         """Set many views at once (a monitor tick's)."""
