@@ -18,6 +18,7 @@ from typing import Any
 from fastapi import APIRouter, Depends, FastAPI, Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST
+from starlette.requests import ClientDisconnect
 
 from shuffleinfer.api.admin import AdminRoutes
 from shuffleinfer.api.errors import check_bearer, install_error_handlers, parse_body
@@ -72,10 +73,21 @@ class Server:
         check_bearer(request, self.api_key,
                      "Invalid or missing API key: send `Authorization: Bearer <key>`.")
 
+    async def read_body(self, request: Request, endpoint: str) -> bytes | None:
+        """The request's body; None (counted as aborted) if the client left while sending it."""
+        try:
+            return await request.body()
+        except ClientDisconnect:
+            self.metrics.count_request(endpoint, "aborted")
+            return None
+
     async def completions(self, request: Request) -> Response:
         """POST /v1/completions."""
         arrived_at = self.metrics.clock()
-        body = parse_body(CompletionRequest, await request.body())
+        raw = await self.read_body(request, COMPLETIONS)
+        if raw is None:
+            return Response(status_code=CLIENT_CLOSED_REQUEST)
+        body = parse_body(CompletionRequest, raw)
         model = check_common(body, self.accepted_models)
         generate_request = prepare_completion(body, self.backend.tokenizer,
                                               self.backend.max_model_len)
@@ -88,7 +100,10 @@ class Server:
     async def chat_completions(self, request: Request) -> Response:
         """POST /v1/chat/completions."""
         arrived_at = self.metrics.clock()
-        body = parse_body(ChatCompletionRequest, await request.body())
+        raw = await self.read_body(request, CHAT_COMPLETIONS)
+        if raw is None:
+            return Response(status_code=CLIENT_CLOSED_REQUEST)
+        body = parse_body(ChatCompletionRequest, raw)
         model = check_common(body, self.accepted_models)
         generate_request = prepare_chat(body, self.backend.tokenizer,
                                         self.backend.max_model_len)

@@ -22,6 +22,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
+from shuffleinfer.engine.prefill_queue import abort_waiting
 from shuffleinfer.scheduler.policies.admission import (
     AdmissionPolicy,
     AdmissionSnapshot,
@@ -114,6 +115,14 @@ class DecodeGate:
         finally:
             self.running.pop(req_id, None)
             self._pump()
+
+    def abort(self, req_id: str) -> bool:
+        """Take a decode that is still waiting out of the gate (its `admitted` raises
+        `AbortedWhileWaiting`); False if it is not waiting (admitted, or unknown)."""
+        if not abort_waiting(self._waiting, req_id):
+            return False
+        self._pump()
+        return True
 
     def on_step(self, kv_cache_usage: float) -> None:
         """Called after every engine step with the engine's KV usage (0-1)."""

@@ -13,7 +13,9 @@ Roles are a matter of which method is called: every engine loads the same connec
 changes what it reports).
 Prompts wait in the instance's own `PrefillQueue` (policy order, about one chunk ahead of
 the engine); decodes wait in its `DecodeGate` (admission policy) before the engine sees
-them. Both follow the engine's steps through its stat logger.
+them. Both follow the engine's steps through its stat logger. An abort reaches a request
+wherever it is: waiting in the queue or the gate (it leaves without the engine ever
+running it), or in the engine (vLLM frees its blocks).
 """
 
 from __future__ import annotations
@@ -23,13 +25,15 @@ import logging
 import os
 import socket
 import uuid
+from collections import OrderedDict
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from shuffleinfer.engine import sampling
 from shuffleinfer.engine.decode_gate import DecodeGate
-from shuffleinfer.engine.prefill_queue import PrefillQueue
+from shuffleinfer.engine.prefill_queue import AbortedWhileWaiting, PrefillQueue
 from shuffleinfer.engine.stats import EngineStatsCollector
 from shuffleinfer.predictor.site import PredictionSite, SiteStats
 from shuffleinfer.protocol import (
@@ -50,6 +54,10 @@ from shuffleinfer.scheduler.predictors import make_predictor
 logger = logging.getLogger(__name__)
 
 Role = Literal["prefill", "decode", "colocated"]
+
+_EARLY_ABORTS_KEPT = 4096
+"""Aborts remembered for requests not (yet) seen here: Ray does not order an async actor's
+calls, so an abort can overtake the call it aborts."""
 
 
 @dataclass(frozen=True)
@@ -160,7 +168,9 @@ class EngineInstance:
         self._engine: Any = None
         self._info: EngineInfo | None = None
         self._stats = EngineStatsCollector(on_step=self._on_step)
-        self._num_inflight = 0
+        self._inflight: set[str] = set()
+        """Requests whose prefill or decode call is running here (waiting or in the engine)."""
+        self._early_aborts: OrderedDict[str, None] = OrderedDict()
         order = make_prefill_order_policy(spec.prefill_order,
                                           PrefillOrderConfig(sched_window=spec.sched_window))
         self._queue = PrefillQueue(order, spec.chunk_size)
@@ -222,20 +232,20 @@ class EngineInstance:
         transfer_id = uuid.uuid4().hex if wants_decode else None
         params = sampling.prefill_params(req.sampling, transfer_id)
         num_top = req.sampling.logprobs or 0
-        self._num_inflight += 1
-        deltas: list[TokenDelta] = []
+        deltas: list[TokenDelta] = []  # none if aborted before its turn: "abort", no lease
         kv_params = None
         num_cached = 0
         try:
-            async with self._queue.admitted(req.req_id, len(req.prompt_token_ids)):
+            async with self._arrived(req.req_id), \
+                    self._queue.admitted(req.req_id, len(req.prompt_token_ids)):
                 async for out in engine.generate(
                         {"prompt_token_ids": list(req.prompt_token_ids)}, params,
                         request_id=req.req_id):
                     deltas.append(sampling.to_delta(out, num_top))
                     kv_params = out.kv_transfer_params or kv_params
                     num_cached = out.num_cached_tokens or num_cached
-        finally:
-            self._num_inflight -= 1
+        except AbortedWhileWaiting:
+            pass
         first = _merge(deltas, prefill_instance=self.spec.instance_id)
         if first.finish_reason == "length" and wants_decode:
             first = dataclasses.replace(first, finish_reason=None)
@@ -255,17 +265,17 @@ class EngineInstance:
         prompt = list(req.prompt_token_ids) + list(prefill.first.token_ids)
         params = sampling.decode_params(req.sampling, prefill.kv_transfer_params or {})
         num_top = req.sampling.logprobs or 0
-        self._num_inflight += 1
         try:
-            async with self._gate.admitted(req.req_id, len(prompt), prefill.prediction) as slot:
+            async with self._arrived(req.req_id), \
+                    self._gate.admitted(req.req_id, len(prompt), prefill.prediction) as slot:
                 async for out in engine.generate({"prompt_token_ids": prompt}, params,
                                                  request_id=req.req_id):
                     delta = sampling.to_delta(out, num_top,
                                               decode_instance=self.spec.instance_id)
                     slot.num_generated += len(delta.token_ids)
                     yield delta
-        finally:
-            self._num_inflight -= 1
+        except AbortedWhileWaiting:  # its KV was never pulled: the caller releases the lease
+            yield _merge([], decode_instance=self.spec.instance_id)  # finish_reason "abort"
 
     async def generate(self, req: GenerateRequest) -> AsyncIterator[TokenDelta]:
         """Both legs on this engine, no hand-over (the colocated baseline)."""
@@ -277,10 +287,33 @@ class EngineInstance:
             yield sampling.to_delta(out, num_top, prefill_instance=self.spec.instance_id,
                                     decode_instance=self.spec.instance_id)
 
-    async def abort(self, req_id: str) -> None:
-        """Abort a request on this engine (idempotent); its KV blocks are freed."""
+    @asynccontextmanager
+    async def _arrived(self, req_id: str) -> AsyncIterator[None]:
+        """Count a prefill or decode call as running here; one whose abort came first
+        raises `AbortedWhileWaiting` at once."""
+        if req_id in self._early_aborts:
+            del self._early_aborts[req_id]
+            raise AbortedWhileWaiting(req_id)
+        self._inflight.add(req_id)
+        try:
+            yield
+        finally:
+            self._inflight.discard(req_id)
+
+    async def abort(self, req_id: str) -> bool:
+        """Abort a request on this instance (idempotent). True when it was still waiting
+        its turn here (in the prefill queue or the decode gate): the engine never saw it,
+        so a decode's KV lease was not pulled. A request in the engine is aborted there,
+        which frees its KV blocks."""
+        if self._queue.abort(req_id) or self._gate.abort(req_id):
+            return True
+        if req_id not in self._inflight:  # not here yet, or already over
+            self._early_aborts[req_id] = None
+            while len(self._early_aborts) > _EARLY_ABORTS_KEPT:
+                self._early_aborts.popitem(last=False)
         if self._engine is not None:
             await self._engine.abort(req_id)
+        return False
 
     def set_role(self, role: Role) -> None:
         """Called when the instance flips: from now on it reports `role`. Nothing else
@@ -304,7 +337,7 @@ class EngineInstance:
             ready=self._engine is not None,
             num_waiting_reqs=self._queue.num_waiting + self._gate.num_waiting
             + (sched.num_waiting_reqs if sched else 0),
-            num_running_reqs=self._num_inflight,
+            num_running_reqs=len(self._inflight),
             num_queued_prompt_tokens=self._queue.num_queued_tokens,
             kv_cache_usage=sched.kv_cache_usage if sched else 0.0,
             node_id=self.node_id,

@@ -11,7 +11,9 @@ A prompt's life here:
 2. the caller then hands it to the engine; its tokens count as work the engine has not
    run yet (`unrun_tokens`), less `chunk_size` at every engine step (`on_step`);
 3. leaving the `admitted` block (prefill done, failed or cancelled) takes it off the
-   books; a prompt cancelled while still queued simply leaves the queue.
+   books; a prompt cancelled while still queued simply leaves the queue, and one aborted
+   while still queued (`abort`) leaves it with `AbortedWhileWaiting`: an abandoned prompt
+   costs the engine nothing.
 `_pump` admits in policy order while the engine's unrun work is below one chunk.
 """
 
@@ -23,11 +25,35 @@ from collections import deque
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from typing import Protocol, TypeVar
 
 from shuffleinfer.scheduler.policies.prefill_order import PrefillOrderPolicy, QueuedPrompt
 
 _RECENT_DELAYS = 32
 """Queueing delays remembered for the reported average (the most recent prompts)."""
+
+
+class AbortedWhileWaiting(Exception):
+    """Raised by `admitted` when the request was aborted before its turn came: it never
+    reached the engine."""
+
+
+class _HasAdmitted(Protocol):
+    admitted: asyncio.Future[None]
+
+
+_W = TypeVar("_W", bound=_HasAdmitted)
+
+
+def abort_waiting(waiting: dict[str, _W], req_id: str) -> bool:
+    """Take `req_id` out of `waiting`, failing its wait with `AbortedWhileWaiting`; False
+    if it was not there. (Shared by this queue and the decode gate.)"""
+    waiter = waiting.pop(req_id, None)
+    if waiter is None:
+        return False
+    if not waiter.admitted.done():
+        waiter.admitted.set_exception(AbortedWhileWaiting(req_id))
+    return True
 
 
 @dataclass
@@ -102,6 +128,14 @@ class PrefillQueue:
         finally:
             self._done(req_id)
             self._pump()
+
+    def abort(self, req_id: str) -> bool:
+        """Take a prompt that is still waiting off the queue (its `admitted` raises
+        `AbortedWhileWaiting`); False if it is not waiting (in the engine, or unknown)."""
+        if not abort_waiting(self._waiting, req_id):
+            return False
+        self._pump()
+        return True
 
     def on_step(self) -> None:
         """Called after every engine step: a step runs up to one chunk of prompt work."""

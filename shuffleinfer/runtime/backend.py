@@ -194,17 +194,18 @@ class RayBackend:
         return dict(self.failovers)
 
     async def _abort(self, legs: Legs) -> None:
-        """Abort both legs; free a KV lease that no decode will pull."""
+        """Abort both legs; free a KV lease that no decode will pull (none was placed, or
+        the decode was aborted while waiting for admission)."""
         req_id, prefill = legs.request.req_id, legs.prefill
         try:
-            if legs.decode_actor is not None:
-                await legs.decode_actor.abort.remote(req_id)
+            unpulled = legs.decode_actor is None or await legs.decode_actor.abort.remote(req_id)
             if prefill is None and legs.prefill_actor is not None:
+                # Still queued, it never runs; in the engine, vLLM stops it.
                 await legs.prefill_actor.abort.remote(req_id)
                 if legs.prefill_ref is not None:
                     # The prefill may have finished just before the abort reached it.
                     prefill = await legs.prefill_ref
-            if prefill is not None and prefill.kv_transfer_params and legs.decode_actor is None:
+            if prefill is not None and prefill.kv_transfer_params and unpulled:
                 await asyncio.to_thread(release_lease, prefill.kv_transfer_params,
                                         self.handles.kv_auth_token)
         except (RayActorError, ray.exceptions.RayTaskError) as e:

@@ -117,6 +117,33 @@ async def test_disconnect_before_the_first_token(app: FastAPI, backend: FakeBack
     assert len(backend.aborted) == 1
 
 
+class HalfBodyConnection(FakeConnection):
+    """A client that hangs up halfway through sending its body."""
+
+    async def receive(self) -> Message:
+        if not self.body_sent:
+            self.body_sent = True
+            return {"type": "http.request", "body": self.body[:5], "more_body": True}
+        return {"type": "http.disconnect"}
+
+
+@pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
+async def test_disconnect_while_sending_the_body_is_no_server_error(
+    app: FastAPI, backend: FakeBackend, path: str
+) -> None:
+    connection = HalfBodyConnection(CHAT if "chat" in path else {"prompt": "x"})
+    scope = {"type": "http", "asgi": {"version": "3.0", "spec_version": "2.3"},
+             "http_version": "1.1", "method": "POST", "scheme": "http", "path": path,
+             "raw_path": path.encode(), "query_string": b"", "root_path": "",
+             "headers": [(b"host", b"test"), (b"content-type", b"application/json")],
+             "client": ("127.0.0.1", 5000), "server": ("test", 80)}
+
+    await asyncio.wait_for(app(scope, connection.receive, connection.send), timeout=5)
+
+    assert connection.status == 499 and backend.requests == []
+    await assert_counted_as_aborted(app, path)
+
+
 async def test_cancelled_client_call_aborts_the_request(
     client: httpx.AsyncClient, backend: FakeBackend
 ) -> None:

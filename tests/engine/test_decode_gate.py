@@ -8,6 +8,7 @@ import asyncio
 import pytest
 
 from shuffleinfer.engine.decode_gate import DecodeGate, DecodeSlot
+from shuffleinfer.engine.prefill_queue import AbortedWhileWaiting
 from shuffleinfer.scheduler.policies.admission import make_admission_policy
 from shuffleinfer.scheduler.prediction import Prediction
 
@@ -112,6 +113,20 @@ async def test_a_decode_cancelled_while_waiting_frees_its_place() -> None:
     assert decodes.started == ["a"]  # b does not fit, and c may not overtake it
     tasks[1].cancel()
     await settle()
+    assert decodes.started == ["a", "c"]
+    await finish(decodes, [tasks[0], tasks[2]])
+    assert gate.num_waiting == 0 and not gate.running
+
+
+async def test_a_decode_aborted_while_waiting_leaves_and_lets_the_next_in() -> None:
+    gate = gate_of("greedy", 1000)
+    decodes = FakeDecodes(gate)
+    tasks = await run(decodes, ("a", 900, None), ("b", 500, None), ("c", 50, None))
+    assert gate.abort("b") is True
+    assert gate.abort("a") is False  # running: the engine aborts it, not the gate
+    await settle()
+    with pytest.raises(AbortedWhileWaiting):
+        await tasks[1]
     assert decodes.started == ["a", "c"]
     await finish(decodes, [tasks[0], tasks[2]])
     assert gate.num_waiting == 0 and not gate.running

@@ -7,7 +7,7 @@ import asyncio
 
 import pytest
 
-from shuffleinfer.engine.prefill_queue import PrefillQueue
+from shuffleinfer.engine.prefill_queue import AbortedWhileWaiting, PrefillQueue
 from shuffleinfer.scheduler.policies.prefill_order import (
     PrefillOrderConfig,
     make_prefill_order_policy,
@@ -115,6 +115,25 @@ async def test_a_prompt_cancelled_while_queued_leaves_no_trace() -> None:
     await settle()
     assert engine.started == ["big", "other"]
     engine.finish["other"].set()
+    await asyncio.gather(tasks[0], tasks[2])
+    assert queue.num_queued_tokens == 0 and queue.unrun_tokens == 0
+
+
+async def test_a_prompt_aborted_while_queued_never_reaches_the_engine() -> None:
+    queue = make_queue("fcfs", chunk_size=100)
+    engine = FakeEngine(queue)
+    tasks = await submit(engine, {"big": 500, "gone": 10, "next": 20})
+    assert queue.abort("gone") is True
+    assert queue.abort("big") is False  # in the engine: the engine aborts it, not the queue
+    assert queue.abort("gone") is False and queue.abort("unknown") is False
+    await settle()
+    with pytest.raises(AbortedWhileWaiting):
+        await tasks[1]
+    assert queue.num_waiting == 1 and queue.num_queued_tokens == 520
+    engine.finish["big"].set()
+    await settle()
+    assert engine.started == ["big", "next"]
+    engine.finish["next"].set()
     await asyncio.gather(tasks[0], tasks[2])
     assert queue.num_queued_tokens == 0 and queue.unrun_tokens == 0
 

@@ -1,8 +1,8 @@
 """The KV hand-over between real vLLM engines (in this process, no Ray, no HTTP): greedy
 output equals the colocated engine's through each CPU transport in both modes; a lease
 that nobody pulls expires and gives the prefill engine its KV back, as do 200 aborted
-prefills; a prefill engine that dies during the hand-over costs the request a recompute,
-not its answer.
+prefills; a request aborted while it waits its turn never reaches the engine; a prefill
+engine that dies during the hand-over costs the request a recompute, not its answer.
 
 Engines run eager (no torch.compile: a minute less per engine on 2 cores), one core each:
 two prefill engines (whole, overlap) and two decode engines (pulling by tcp, by shm). No
@@ -26,7 +26,12 @@ import pytest
 from benchmarks.kv_overhead import start_engine
 from shuffleinfer.kv.shm_segments import SEGMENT_PREFIX, SHM_DIR
 from shuffleinfer.kv.staging import IDLE_SEGMENTS
-from shuffleinfer.protocol import GenerateRequest, SamplingOptions
+from shuffleinfer.protocol import (
+    GenerateRequest,
+    PrefillResult,
+    SamplingOptions,
+    TokenDelta,
+)
 from tests.integration.conftest import model_path, real_chat_prompts, tokenizer
 
 __all__ = ["model_path", "tokenizer"]  # the session's model and tokenizer fixtures
@@ -207,6 +212,34 @@ def test_two_hundred_aborted_prefills_leave_the_kv_and_staging_as_they_were(
     time.sleep(LEASE_S + 1)  # leases of prefills that finished before their abort expire
     assert free_kv_tokens(loop, prefill, "probe-abort-1") == start
     assert len(_staging_segments(prefill)) <= IDLE_SEGMENTS
+
+
+def test_requests_aborted_before_their_turn_never_reach_the_engine(
+        loop: Loop, engines: dict[str, Any], prompts: list[list[int]]) -> None:
+    prefill, decode = engines["prefill/whole"], engines["decode/tcp"]
+
+    async def run() -> tuple[list[bool], list[PrefillResult], PrefillResult, list[TokenDelta]]:
+        # The first prompt (over a chunk) fills the engine; the others wait in the queue.
+        reqs = [greedy(f"queued-{i}", prompts[-1] + [i + 3], max_tokens=1) for i in range(6)]
+        tasks = [asyncio.ensure_future(prefill.prefill(r)) for r in reqs]
+        while prefill.load().num_running_reqs < len(reqs):
+            await asyncio.sleep(0.01)
+        stopped = [await prefill.abort(r.req_id) for r in reqs[1:]]
+        results = await asyncio.gather(*tasks)
+        # An abort that overtakes its call (Ray does not order an async actor's calls).
+        assert not await prefill.abort("overtaken") and not await decode.abort("overtaken")
+        late = await prefill.prefill(greedy("overtaken", prompts[0]))
+        deltas = [d async for d in decode.decode(greedy("overtaken", prompts[0]), results[0])]
+        return stopped, results, late, deltas
+
+    stopped, results, late, deltas = loop.run(run())
+    assert stopped == [True] * 5
+    assert len(results[0].first.token_ids) == 1 and results[0].first.finish_reason == "length"
+    for aborted in [*results[1:], late]:
+        assert (aborted.first.token_ids, aborted.first.finish_reason) == ((), "abort")
+        assert aborted.kv_transfer_params is None  # nothing leased, nothing to release
+    assert [(d.token_ids, d.finish_reason) for d in deltas] == [((), "abort")]
+    assert prefill.load().num_running_reqs == decode.load().num_running_reqs == 0
 
 
 def test_a_prefill_engine_killed_during_the_hand_over_costs_a_recompute_not_the_answer(
