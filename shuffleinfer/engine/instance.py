@@ -55,9 +55,9 @@ logger = logging.getLogger(__name__)
 
 Role = Literal["prefill", "decode", "colocated"]
 
-_EARLY_ABORTS_KEPT = 4096
-"""Aborts remembered for requests not (yet) seen here: Ray does not order an async actor's
-calls, so an abort can overtake the call it aborts."""
+_ABORTS_KEPT = 4096
+"""Aborts remembered for requests not waiting here: Ray does not order an async actor's
+calls, so an abort can overtake the call it aborts, or land as a request is let in."""
 
 
 @dataclass(frozen=True)
@@ -170,7 +170,7 @@ class EngineInstance:
         self._stats = EngineStatsCollector(on_step=self._on_step)
         self._inflight: set[str] = set()
         """Requests whose prefill or decode call is running here (waiting or in the engine)."""
-        self._early_aborts: OrderedDict[str, None] = OrderedDict()
+        self._aborted: OrderedDict[str, None] = OrderedDict()
         order = make_prefill_order_policy(spec.prefill_order,
                                           PrefillOrderConfig(sched_window=spec.sched_window))
         self._queue = PrefillQueue(order, spec.chunk_size)
@@ -238,6 +238,7 @@ class EngineInstance:
         try:
             async with self._arrived(req.req_id), \
                     self._queue.admitted(req.req_id, len(req.prompt_token_ids)):
+                self._raise_if_aborted(req.req_id)  # as it was let in
                 async for out in engine.generate(
                         {"prompt_token_ids": list(req.prompt_token_ids)}, params,
                         request_id=req.req_id):
@@ -268,6 +269,7 @@ class EngineInstance:
         try:
             async with self._arrived(req.req_id), \
                     self._gate.admitted(req.req_id, len(prompt), prefill.prediction) as slot:
+                self._raise_if_aborted(req.req_id)  # as it was let in
                 async for out in engine.generate({"prompt_token_ids": prompt}, params,
                                                  request_id=req.req_id):
                     delta = sampling.to_delta(out, num_top,
@@ -291,14 +293,17 @@ class EngineInstance:
     async def _arrived(self, req_id: str) -> AsyncIterator[None]:
         """Count a prefill or decode call as running here; one whose abort came first
         raises `AbortedWhileWaiting` at once."""
-        if req_id in self._early_aborts:
-            del self._early_aborts[req_id]
-            raise AbortedWhileWaiting(req_id)
+        self._raise_if_aborted(req_id)
         self._inflight.add(req_id)
         try:
             yield
         finally:
             self._inflight.discard(req_id)
+
+    def _raise_if_aborted(self, req_id: str) -> None:
+        if req_id in self._aborted:
+            del self._aborted[req_id]
+            raise AbortedWhileWaiting(req_id)
 
     async def abort(self, req_id: str) -> bool:
         """Abort a request on this instance (idempotent). True when it was still waiting
@@ -307,10 +312,11 @@ class EngineInstance:
         which frees its KV blocks."""
         if self._queue.abort(req_id) or self._gate.abort(req_id):
             return True
-        if req_id not in self._inflight:  # not here yet, or already over
-            self._early_aborts[req_id] = None
-            while len(self._early_aborts) > _EARLY_ABORTS_KEPT:
-                self._early_aborts.popitem(last=False)
+        # Not here yet, being let in, in the engine, or over: whichever, it stops at the
+        # next check (on arrival, on being let in), else in the engine.
+        self._aborted[req_id] = None
+        while len(self._aborted) > _ABORTS_KEPT:
+            self._aborted.popitem(last=False)
         if self._engine is not None:
             await self._engine.abort(req_id)
         return False
