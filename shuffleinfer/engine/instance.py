@@ -20,6 +20,7 @@ running it), or in the engine (vLLM frees its blocks).
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import logging
 import os
@@ -35,6 +36,7 @@ from shuffleinfer.engine import sampling
 from shuffleinfer.engine.decode_gate import DecodeGate
 from shuffleinfer.engine.prefill_queue import AbortedWhileWaiting, PrefillQueue
 from shuffleinfer.engine.stats import EngineStatsCollector
+from shuffleinfer.kv.scheduler_side import release_lease
 from shuffleinfer.predictor.site import PredictionSite, SiteStats
 from shuffleinfer.protocol import (
     GenerateRequest,
@@ -276,7 +278,10 @@ class EngineInstance:
                                               decode_instance=self.spec.instance_id)
                     slot.num_generated += len(delta.token_ids)
                     yield delta
-        except AbortedWhileWaiting:  # its KV was never pulled: the caller releases the lease
+        except AbortedWhileWaiting:  # it never reached the engine: nobody will pull its KV
+            if prefill.kv_transfer_params:
+                await asyncio.to_thread(release_lease, prefill.kv_transfer_params,
+                                        self.spec.kv_auth_token)
             yield _merge([], decode_instance=self.spec.instance_id)  # finish_reason "abort"
 
     async def generate(self, req: GenerateRequest) -> AsyncIterator[TokenDelta]:
@@ -307,9 +312,9 @@ class EngineInstance:
 
     async def abort(self, req_id: str) -> bool:
         """Abort a request on this instance (idempotent). True when it was still waiting
-        its turn here (in the prefill queue or the decode gate): the engine never saw it,
-        so a decode's KV lease was not pulled. A request in the engine is aborted there,
-        which frees its KV blocks."""
+        its turn here (in the prefill queue or the decode gate), so the engine never saw
+        it (a decode stopped before the engine releases the KV lease it would have
+        pulled). A request in the engine is aborted there, which frees its KV blocks."""
         if self._queue.abort(req_id) or self._gate.abort(req_id):
             return True
         # Not here yet, being let in, in the engine, or over: whichever, it stops at the

@@ -194,18 +194,19 @@ class RayBackend:
         return dict(self.failovers)
 
     async def _abort(self, legs: Legs) -> None:
-        """Abort both legs; free a KV lease that no decode will pull (none was placed, or
-        the decode was aborted while waiting for admission)."""
+        """Abort both legs; free the KV lease if no decode was placed to pull it (a decode
+        stopped before its engine releases the lease itself)."""
         req_id, prefill = legs.request.req_id, legs.prefill
         try:
-            unpulled = legs.decode_actor is None or await legs.decode_actor.abort.remote(req_id)
+            if legs.decode_actor is not None:
+                await legs.decode_actor.abort.remote(req_id)
             if prefill is None and legs.prefill_actor is not None:
                 # Still queued, it never runs; in the engine, vLLM stops it.
                 await legs.prefill_actor.abort.remote(req_id)
                 if legs.prefill_ref is not None:
                     # The prefill may have finished just before the abort reached it.
                     prefill = await legs.prefill_ref
-            if prefill is not None and prefill.kv_transfer_params and unpulled:
+            if prefill is not None and prefill.kv_transfer_params and legs.decode_actor is None:
                 await asyncio.to_thread(release_lease, prefill.kv_transfer_params,
                                         self.handles.kv_auth_token)
         except (RayActorError, ray.exceptions.RayTaskError) as e:

@@ -1,8 +1,9 @@
 """The KV hand-over between real vLLM engines (in this process, no Ray, no HTTP): greedy
 output equals the colocated engine's through each CPU transport in both modes; a lease
 that nobody pulls expires and gives the prefill engine its KV back, as do 200 aborted
-prefills; a request aborted while it waits its turn never reaches the engine; a prefill
-engine that dies during the hand-over costs the request a recompute, not its answer.
+prefills; a request aborted while it waits its turn never reaches the engine (a decode's
+lease is released at once); a prefill engine that dies during the hand-over costs the
+request a recompute, not its answer.
 
 Engines run eager (no torch.compile: a minute less per engine on 2 cores), one core each:
 two prefill engines (whole, overlap) and two decode engines (pulling by tcp, by shm). No
@@ -240,6 +241,27 @@ def test_requests_aborted_before_their_turn_never_reach_the_engine(
         assert aborted.kv_transfer_params is None  # nothing leased, nothing to release
     assert [(d.token_ids, d.finish_reason) for d in deltas] == [((), "abort")]
     assert prefill.load().num_running_reqs == decode.load().num_running_reqs == 0
+
+
+def test_a_decode_stopped_before_its_engine_releases_the_lease_at_once(
+        loop: Loop, engines: dict[str, Any], prompts: list[list[int]]) -> None:
+    prefill, decode = engines["prefill/whole"], engines["decode/tcp"]
+    start = free_kv_tokens(loop, prefill, "probe-stopped-0")
+    expired = prefill.kv_stats().num_expired_leases
+    req = greedy("stopped-decode", prompts[-1])
+
+    async def run() -> list[TokenDelta]:
+        result = await prefill.prefill(req)
+        assert result.kv_transfer_params is not None
+        assert not await decode.abort(req.req_id)  # it overtakes the decode call
+        return [d async for d in decode.decode(req, result)]
+
+    assert [(d.token_ids, d.finish_reason) for d in loop.run(run())] == [((), "abort")]
+    probes = iter(range(1, 100))
+    assert settled(lambda: free_kv_tokens(loop, prefill, f"probe-stopped-{next(probes)}"),
+                   lambda n: n == start) == start
+    time.sleep(LEASE_S + 1)  # released, so it does not expire as well
+    assert prefill.kv_stats().num_expired_leases == expired
 
 
 def test_a_prefill_engine_killed_during_the_hand_over_costs_a_recompute_not_the_answer(
