@@ -170,8 +170,8 @@ class EngineInstance:
         self._engine: Any = None
         self._info: EngineInfo | None = None
         self._stats = EngineStatsCollector(on_step=self._on_step)
-        self._inflight: set[str] = set()
-        """Requests whose prefill or decode call is running here (waiting or in the engine)."""
+        self._num_inflight = 0
+        """Prefill and decode calls running here (waiting their turn or in the engine)."""
         self._aborted: OrderedDict[str, None] = OrderedDict()
         order = make_prefill_order_policy(spec.prefill_order,
                                           PrefillOrderConfig(sched_window=spec.sched_window))
@@ -299,11 +299,11 @@ class EngineInstance:
         """Count a prefill or decode call as running here; one whose abort came first
         raises `AbortedWhileWaiting` at once."""
         self._raise_if_aborted(req_id)
-        self._inflight.add(req_id)
+        self._num_inflight += 1
         try:
             yield
         finally:
-            self._inflight.discard(req_id)
+            self._num_inflight -= 1
 
     def _raise_if_aborted(self, req_id: str) -> None:
         if req_id in self._aborted:
@@ -348,7 +348,7 @@ class EngineInstance:
             ready=self._engine is not None,
             num_waiting_reqs=self._queue.num_waiting + self._gate.num_waiting
             + (sched.num_waiting_reqs if sched else 0),
-            num_running_reqs=len(self._inflight),
+            num_running_reqs=self._num_inflight,
             num_queued_prompt_tokens=self._queue.num_queued_tokens,
             kv_cache_usage=sched.kv_cache_usage if sched else 0.0,
             node_id=self.node_id,
