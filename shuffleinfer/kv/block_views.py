@@ -79,14 +79,11 @@ def block_spans(geometries: Sequence[tuple[int, int, int]], block_ids: tuple[int
     block 0 starts at `start`, blocks `stride` bytes apart and `size` long (`geometries`:
     one (start, stride, size) per layer): one span per stretch of consecutive ids when
     blocks lie back to back, else one per block."""
-    stretches = _stretches(block_ids)
-    spans = []
-    for start, stride, size in geometries:
-        if stride != size:
-            spans += [(start + b * stride, size) for b in block_ids]
-        else:
-            spans += [(start + first * stride, count * size) for first, count in stretches]
-    return spans
+    stretches, singles = _stretches(block_ids), [(b, 1) for b in block_ids]
+    # One comprehension: on a one-block pull's critical path, a loop of one per layer
+    # cost twice as much here, run with the caches cold.
+    return [(start + first * stride, count * size) for start, stride, size in geometries
+            for first, count in (stretches if stride == size else singles)]
 
 
 @dataclass(frozen=True)
