@@ -1,6 +1,7 @@
 """How fast the simulator runs: wall time for N requests over a cluster of I instances.
 
-    python -m benchmarks.sim_speed [--requests 1000000] [--instances 512] [--out DIR]
+    python -m benchmarks.sim_speed [--requests 1000000] [--instances 512] [--workers 2]
+        [--out DIR]
 
 Requests take ShareGPT prompt/output lengths (sampled with replacement, fitted into
 OPT-13B's 2,048-token context) and Poisson arrivals at `--rate-per-instance` (default
@@ -9,7 +10,9 @@ ShuffleInfer runs half prefill, half decode instances with sjf, power_of_two pre
 placement, shuffle decode placement and greedy admission, and the DistServe A100 cost
 model. (least_load prefill placement looks at every prefill instance per request: about
 50 us per request over 256 candidates here, which alone nearly fills the goal's budget;
-`--prefill-policy least_load` measures it.) Prints the wall time, simulated requests per
+`--prefill-policy least_load` measures it.) `--workers 2` (the default) runs the
+prefill side in a second process (`shuffleinfer/sim/split.py`: the same result, request
+for request), 1 all in one. Prints the wall time, simulated requests per
 wall second and the ratio to the goal (1,000,000 requests over 512 instances in 60 s);
 `--out` also writes summary.json.
 """
@@ -30,6 +33,7 @@ from benchmarks.replay import DEFAULT_DATA_DIR
 from benchmarks.traces import load_trace
 from shuffleinfer.sim.cost import A100_OPT13B
 from shuffleinfer.sim.simulator import SimConfig, simulate
+from shuffleinfer.sim.split import simulate_in_two
 
 GOAL_REQUESTS, GOAL_INSTANCES, GOAL_S = 1_000_000, 512, 60.0
 
@@ -52,6 +56,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rate-per-instance", type=float, default=0.3)
     p.add_argument("--prefill-policy", default="power_of_two")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workers", type=int, choices=(1, 2), default=2,
+                   help="processes: 2 runs the prefill side beside the decode side")
     p.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR)
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
@@ -65,18 +71,21 @@ def main(argv: list[str] | None = None) -> int:
                        max_tokens=2048, seed=args.seed)
     started = time.perf_counter()
     with tqdm(total=len(reqs), desc="simulating", unit="req", mininterval=1.0) as bar:
-        result = simulate(reqs, config, A100_OPT13B, progress=bar.update)
+        run = simulate_in_two if args.workers == 2 else simulate
+        result = run(reqs, config, A100_OPT13B, progress=bar.update)
     wall = time.perf_counter() - started
     per_s = len(reqs) / wall
     # The goal scaled to this run's size (cost grows with requests x candidates per placement).
     goal_wall = GOAL_S * len(reqs) / GOAL_REQUESTS
     summary = {"requests": len(reqs), "instances": args.instances,
-               "prefill_policy": args.prefill_policy, "wall_s": wall,
+               "prefill_policy": args.prefill_policy, "workers": args.workers,
+               "wall_s": wall,
                "simulated_s": result.duration_s, "requests_per_wall_s": per_s,
                "completed": sum(r.ok for r in result.records),
                "goal": f"{GOAL_REQUESTS} requests over {GOAL_INSTANCES} instances in "
                        f"{GOAL_S:.0f} s", "wall_vs_goal": wall / goal_wall}
-    print(f"{len(reqs):,} requests over {args.instances} instances: {wall:.1f} s wall "
+    print(f"{len(reqs):,} requests over {args.instances} instances, {args.workers} "
+          f"process{'es' if args.workers > 1 else ''}: {wall:.1f} s wall "
           f"({per_s:,.0f} requests/s), {result.duration_s:,.0f} s simulated; "
           f"{summary['wall_vs_goal']:.2f}x the goal's time for this many requests")
     if args.out is not None:

@@ -5,13 +5,16 @@ workload flags mean what they mean for `python -m benchmarks replay`); each syst
 `--cluster` is simulated in turn; DIR gets the harness's `summary.json` (one entry per
 system), `config.json`, `<system>.records.jsonl` and plots. Times in the records are
 simulated seconds. Inter-token gaps are not simulated (a decode's tokens are spread over
-its steps only in sum: TPOT is exact, ITL is reported as 0).
+its steps only in sum: TPOT is exact, ITL is reported as 0). `--workers 2` (the default on
+a machine with two cores or more) runs a disaggregated cluster without flips on two
+processes, with the same result (`split.py`).
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import re
 import sys
 from pathlib import Path
@@ -23,6 +26,7 @@ from shuffleinfer.config import ServeConfig
 from shuffleinfer.scheduler.policies.flip import FlipConfig
 from shuffleinfer.sim.cost import COST_MODELS, LinearCost, make_cost_model
 from shuffleinfer.sim.simulator import SimConfig, simulate
+from shuffleinfer.sim.split import simulate_in_two
 
 _CLUSTER = re.compile(r"^(?:(\d+)p(\d+)d|(?:vllm|colocated):(\d+))$")
 
@@ -77,6 +81,9 @@ def add_simulate_parser(subparsers: argparse._SubParsersAction) -> None:
                    help="share of decodes whose predicted length bucket is right")
     p.add_argument("--bucket-width", type=int, default=200)
     p.add_argument("--monitor-interval-ms", type=float, default=defaults.monitor_interval_ms)
+    p.add_argument("--workers", type=int, choices=(1, 2), default=min(2, os.cpu_count() or 1),
+                   help="processes per simulation: 2 runs a disaggregated cluster's prefill "
+                        "side beside its decode side (same result; not with flips)")
 
 
 def _configure(args: argparse.Namespace, base: SimConfig) -> SimConfig:
@@ -138,7 +145,8 @@ def _run(args: argparse.Namespace) -> int:
     runs: dict[str, tuple[list[Any], dict[str, Any]]] = {}
     for name, config in configs:
         with tqdm(total=len(requests), desc=name, unit="req") as bar:
-            result = simulate(requests, config, cost, name, progress=bar.update)
+            run = simulate_in_two if args.workers == 2 else simulate
+            result = run(requests, config, cost, name, progress=bar.update)
         summary = summarize(result.records, duration_s=result.duration_s,
                             num_instances=result.num_instances,
                             ttft_slo_ms=args.ttft_slo_ms, tpot_slo_ms=args.tpot_slo_ms)

@@ -22,9 +22,10 @@ import gc
 import heapq
 import math
 import random
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from benchmarks.records import RequestRecord, TraceRequest
 from shuffleinfer.protocol import InstanceLoad
@@ -49,6 +50,10 @@ from shuffleinfer.sim.request import SimRequest
 from shuffleinfer.sim.views import ViewBoard
 
 _STEP_END, _HANDOVER_DONE, _MONITOR = range(3)
+
+Side = Literal["both", "prefill", "decode"]
+"""Which instances a `Simulator` runs: all of them, or one side of a cluster split over
+two processes (`split.py`)."""
 
 
 @dataclass(frozen=True)
@@ -113,7 +118,13 @@ class SimResult:
 class Simulator:
     """One run over a list of requests."""
 
-    def __init__(self, config: SimConfig, cost: LinearCost, name: str = "sim") -> None:
+    def __init__(self, config: SimConfig, cost: LinearCost, name: str = "sim",
+                 side: Side = "both") -> None:
+        """`side`: "prefill" or "decode" runs only those instances, for `split.py` (a
+        disaggregated cluster without flips); "both" the whole cluster."""
+        if side != "both" and (config.colocated or config.flip_policy != "never"):
+            raise ValueError("only a disaggregated cluster without flips runs one side "
+                             "at a time")
         self.config = config
         self.cost = cost
         self.name = name
@@ -125,7 +136,10 @@ class Simulator:
         placement = PlacementConfig(heavy_threshold_tokens=c.heavy_threshold_tokens)
         self.placement = placement
         self.prefill_placer = make_placement_policy(c.prefill_policy, placement, self.rng)
-        self.decode_placer = make_placement_policy(c.decode_policy, placement, self.rng)
+        # A stream of its own, so that the decode side draws the same whether or not
+        # the prefill side runs in the same process.
+        self.decode_placer = make_placement_policy(c.decode_policy, placement,
+                                                   random.Random(f"decode:{c.seed}"))
         self.oracle = OraclePredictor(c.oracle_accuracy, c.bucket_width, c.seed)
         order = make_prefill_order_policy(c.prefill_order,
                                           PrefillOrderConfig(sched_window=c.sched_window))
@@ -142,8 +156,8 @@ class Simulator:
             self.instances = {i: instance(i, colocated=True) for i in ids}
             self.roster = Roster(ids, [], make_flip_policy("never", self._clock), self._clock)
         else:
-            prefill = [f"prefill-{i}" for i in range(c.num_prefill)]
-            decode = [f"decode-{i}" for i in range(c.num_decode)]
+            prefill = [f"prefill-{i}" for i in range(c.num_prefill) if side != "decode"]
+            decode = [f"decode-{i}" for i in range(c.num_decode) if side != "prefill"]
             self.instances = {i: instance(i) for i in prefill + decode}
             self.roster = Roster(prefill, decode,
                                  make_flip_policy(c.flip_policy, self._clock, c.flip),
@@ -152,6 +166,9 @@ class Simulator:
         self._flips = c.flip_policy != "never"
         self._held: dict[str, int] = dict.fromkeys(self.instances, 0)
         self._in_flight = 0
+        self._outbox: Callable[[SimRequest], None] | None = None
+        """The prefill side of a split run: where a request goes once its prefill is
+        done (to the decode side), instead of to decode placement here."""
         self._chunking: set[str] = set()
         """Instances running a lone prompt's chunks as one event: the monitor looks at
         them at every tick (a chunk may have ended since, without an event)."""
@@ -169,37 +186,77 @@ class Simulator:
             progress: Callable[[int], None] | None = None) -> SimResult:
         """Simulate `requests` (sorted by arrival) to the end; `progress(n)` is called
         with the number of requests that ended since the last call."""
-        collecting = gc.isenabled()
-        gc.disable()  # millions of short-lived objects, no cycles: GC passes only cost time
-        try:
-            return self._run(requests, progress)
-        finally:
-            if collecting:
-                gc.enable()
+        reqs = sim_requests(requests)
+        self._in_flight = len(reqs)
+        with _no_gc():
+            self._loop(*self._arrivals(reqs), self._arrive, None, progress)
+        return self.result(reqs, self.busy_s())
 
-    def _run(self, requests: Sequence[TraceRequest],
-             progress: Callable[[int], None] | None) -> SimResult:
-        reqs = [SimRequest(i, r.arrival_s, max(r.prompt_tokens, 1), max(r.output_tokens, 1))
-                for i, r in enumerate(requests)]
-        # Arrivals are read in order beside the event heap rather than pushed into it: the
-        # heap stays as small as the events in flight. At equal times an arrival goes first.
+    def run_prefill_side(self, requests: Sequence[TraceRequest],
+                         outbox: Callable[[SimRequest], None]) -> dict[str, float]:
+        """The prefill side of a split run (side "prefill"): every request goes to
+        `outbox` once its prefill is done (or it ended there, having one token to make),
+        in simulated time order; returns each instance's busy seconds."""
+        reqs = sim_requests(requests)
+        self._in_flight = len(reqs)
+        self._outbox = outbox
+        with _no_gc():
+            self._loop(*self._arrivals(reqs), self._arrive, None, None)
+        return self.busy_s()
+
+    def run_decode_side(self, requests: Sequence[TraceRequest],
+                        feed: Callable[[list[SimRequest]], list[SimRequest] | None],
+                        progress: Callable[[int], None] | None = None) -> list[SimRequest]:
+        """The decode side of a split run (side "decode"): `feed(reqs)` returns the next
+        of `reqs` whose prefill is done, in simulated time order, their prefill's fields
+        set (those that ended there too: `finished_s`), or None when there are no more;
+        it blocks until it knows. Each is placed at its first token's time, as
+        `_step_end` places it in a whole run. Returns the requests, every field set."""
+        reqs = sim_requests(requests)
+        self._in_flight = len(reqs)
+        with _no_gc():
+            self._loop([], [], self._decode_arrival, lambda: feed(reqs), progress)
+        return reqs
+
+    def _arrivals(self, reqs: list[SimRequest]) -> tuple[list[float], list[SimRequest]]:
+        """Arrival times (with the serving path's delay) and requests, in order."""
         arrivals = sorted(reqs, key=lambda r: r.arrival_s)
         delay = self.config.request_overhead_s
+        return [r.arrival_s + delay for r in arrivals], arrivals
+
+    def _loop(self, times: list[float], items: list[SimRequest],
+              handle: Callable[[SimRequest], int],
+              feed: Callable[[], list[SimRequest] | None] | None,
+              progress: Callable[[int], None] | None) -> None:
+        """Run events to the end. Arrivals (`handle(items[i])` at `times[i]`, returning
+        how many requests it ended) are read in order beside the event heap rather than
+        pushed into it: the heap stays as small as the events in flight; at equal times
+        an arrival goes first. `feed`, if given, returns more arrivals once these are
+        used up (items whose `first_token_s` is their time), or None at the end: no
+        event runs before the next arrival is known."""
         self._refresh_views(self.instances)
         self._arrange()
         self._push(self.config.monitor_interval_s, _MONITOR, None)
-        self._in_flight = len(reqs)
         events, pop = self._events, heapq.heappop
-        times = [r.arrival_s + delay for r in arrivals]
         times.append(math.inf)
         done_since, next_arrival = 0, 0
         while True:
             t = times[next_arrival]
+            if t == math.inf and feed is not None:
+                more = feed()
+                if more is None:
+                    feed = None
+                else:
+                    times.pop()
+                    times += [r.first_token_s or 0.0 for r in more]
+                    times.append(math.inf)
+                    items += more
+                continue
             if t <= (events[0][0] if events else math.inf):
                 if t == math.inf:
                     break
                 self.now = t
-                self._arrive(arrivals[next_arrival])
+                done_since += handle(items[next_arrival])
                 next_arrival += 1
                 continue
             at, _, kind, payload = pop(events)
@@ -220,12 +277,21 @@ class Simulator:
                 self._push(at + self.config.monitor_interval_s, _MONITOR, None)
         if progress is not None and done_since:
             progress(done_since)
+
+    def busy_s(self) -> dict[str, float]:
+        """Seconds each instance (of this side) spent running steps."""
+        return {i: x.busy_s for i, x in self.instances.items()}
+
+    def result(self, reqs: list[SimRequest], busy_s: dict[str, float]) -> SimResult:
+        """The run's result, from its requests (every field set) and instances' busy
+        seconds."""
         start = min((r.arrival_s for r in reqs), default=0.0)
         end = max((r.finished_s or 0.0 for r in reqs), default=0.0)
-        return SimResult([self._record(r) for r in reqs], max(end - start, 1e-9),
-                         self.config.num_instances, self.roster.num_flips,
-                         {i: x.busy_s for i, x in self.instances.items()},
-                         [(r.prefill_id, r.decode_id) for r in reqs])
+        with _no_gc():  # a million records would set off full collections
+            records = [self._record(r) for r in reqs]
+            placements = [(r.prefill_id, r.decode_id) for r in reqs]
+        return SimResult(records, max(end - start, 1e-9), self.config.num_instances,
+                         self.roster.num_flips, busy_s, placements)
 
     def _record(self, r: SimRequest) -> RequestRecord:
         return RequestRecord(index=r.index, endpoint=self.name, scheduled_at_s=r.arrival_s,
@@ -240,7 +306,7 @@ class Simulator:
         self.views.arrange({role: self.roster.active(role)  # type: ignore[arg-type]
                             for role in ("prefill", "decode")})
 
-    def _arrive(self, req: SimRequest) -> None:
+    def _arrive(self, req: SimRequest) -> int:
         views = self.views
         instance_id = self.prefill_placer.place(
             PlacementRequest(str(req.index), req.prompt_tokens),
@@ -257,6 +323,7 @@ class Simulator:
         instance.enqueue_prompt(req)
         views.dirty.add(instance_id)
         self._wake(instance)
+        return 0
 
     def _wake(self, instance: SimInstance) -> None:
         """A prompt for `instance`: start a step if idle, else cut a long macro step."""
@@ -297,7 +364,9 @@ class Simulator:
         return num_ended
 
     def _end(self, req: SimRequest) -> None:
-        if req.decode_id is not None:
+        if self._outbox is not None:  # ended at its prefill: the decode side records it
+            self._outbox(req)
+        elif req.decode_id is not None:
             self._held[req.decode_id] -= 1
             if req.prediction is not None:
                 self.instances[req.decode_id].count_decode(
@@ -306,6 +375,24 @@ class Simulator:
 
     def _to_decode(self, req: SimRequest) -> None:
         req.prediction = self.oracle.predict(req.output_tokens, self.config.max_tokens)
+        req.handover_s = self.cost.handover_s(req.prompt_tokens)
+        if self._outbox is not None:  # the decode side places it
+            self._outbox(req)
+            self._in_flight -= 1
+        else:
+            self._place_decode(req)
+
+    def _decode_arrival(self, req: SimRequest) -> int:
+        """The decode side of a split run: a request whose prefill is done."""
+        if req.finished_s is not None:  # it ended there
+            self._in_flight -= 1
+            return 1
+        self._place_decode(req)
+        return 0
+
+    def _place_decode(self, req: SimRequest) -> None:
+        """Place a request whose prefill is done (`_to_decode` predicted its length)."""
+        assert req.prediction is not None
         decode_id = self.decode_placer.place(
             PlacementRequest(str(req.index), req.prompt_tokens, req.prediction),
             self.views.candidates("decode")).instance_id
@@ -319,7 +406,6 @@ class Simulator:
             v.num_heavy_reqs + heavy, v.num_light_reqs + 1 - heavy,
             v.num_predicted_decode_tokens + req.prediction.point)
         self._held[decode_id] += 1
-        req.handover_s = self.cost.handover_s(req.prompt_tokens)
         self._push(self.now + req.handover_s, _HANDOVER_DONE, req)
 
     def _handed_over(self, req: SimRequest) -> None:
@@ -362,6 +448,23 @@ class Simulator:
         waits = [self.now - r.arrival_s for r in instance.queued.values()
                  if r.prefill_started_s is None]
         return max(waits, default=0.0)
+
+
+def sim_requests(requests: Sequence[TraceRequest]) -> list[SimRequest]:
+    return [SimRequest(i, r.arrival_s, max(r.prompt_tokens, 1), max(r.output_tokens, 1))
+            for i, r in enumerate(requests)]
+
+
+@contextmanager
+def _no_gc() -> Iterator[None]:
+    """Millions of short-lived objects, no cycles: GC passes would only cost time."""
+    collecting = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if collecting:
+            gc.enable()
 
 
 def simulate(requests: Sequence[TraceRequest], config: SimConfig, cost: LinearCost,

@@ -54,3 +54,14 @@ def test_cluster_specs() -> None:
     systems = parse_clusters("3p5d, vllm:8")
     assert [(n, c.num_prefill, c.num_decode, c.colocated) for n, c in systems] == [
         ("shuffleinfer-3p5d", 3, 5, 0), ("vllm-8", 1, 1, 8)]
+
+
+def test_one_or_two_workers_write_the_same_records(tmp_path: Path) -> None:
+    for workers in ("1", "2"):
+        assert main(["simulate", "--trace", "azure2023-conv", "--max-requests", "400",
+                     "--cluster", "2p3d", "--decode-policy", "shuffle", "--oracle-accuracy",
+                     "0.75", "--out", str(tmp_path / workers), "--data-dir", str(DATA),
+                     "--max-model-len", "4096", "--workers", workers]) == 0
+    one, two = ((tmp_path / w / "shuffleinfer-2p3d.records.jsonl").read_text()
+                for w in ("1", "2"))
+    assert one == two and len(one.splitlines()) == 400
