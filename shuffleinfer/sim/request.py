@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
+from benchmarks.records import TraceRequest
 from shuffleinfer.scheduler.policies.admission import WaitingDecode
 from shuffleinfer.scheduler.prediction import Prediction
 
@@ -33,3 +35,9 @@ class SimRequest:
                                           self.prediction or Prediction(0, 0, 0, 0),
                                           num_output_tokens=0)
         return self._waiting
+
+
+def sim_requests(requests: Sequence[TraceRequest]) -> list[SimRequest]:
+    """A `SimRequest` for each of `requests`, in order (lengths at least 1)."""
+    return [SimRequest(i, r.arrival_s, max(r.prompt_tokens, 1), max(r.output_tokens, 1))
+            for i, r in enumerate(requests)]

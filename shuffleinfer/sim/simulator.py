@@ -24,13 +24,12 @@ import math
 import random
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
 from typing import Any, Literal
 
-from benchmarks.records import RequestRecord, TraceRequest
+from benchmarks.records import TraceRequest
 from shuffleinfer.protocol import InstanceLoad
 from shuffleinfer.scheduler.policies.admission import make_admission_policy
-from shuffleinfer.scheduler.policies.flip import FlipConfig, make_flip_policy
+from shuffleinfer.scheduler.policies.flip import make_flip_policy
 from shuffleinfer.scheduler.policies.placement import (
     InstanceView,
     PlacementConfig,
@@ -43,10 +42,11 @@ from shuffleinfer.scheduler.policies.prefill_order import (
     make_prefill_order_policy,
 )
 from shuffleinfer.scheduler.roles import Roster
+from shuffleinfer.sim.config import SimConfig, SimResult
 from shuffleinfer.sim.cost import LinearCost
 from shuffleinfer.sim.instance import SimInstance
 from shuffleinfer.sim.oracle import OraclePredictor
-from shuffleinfer.sim.request import SimRequest
+from shuffleinfer.sim.request import SimRequest, sim_requests
 from shuffleinfer.sim.views import ViewBoard
 
 _STEP_END, _HANDOVER_DONE, _MONITOR = range(3)
@@ -54,65 +54,6 @@ _STEP_END, _HANDOVER_DONE, _MONITOR = range(3)
 Side = Literal["both", "prefill", "decode"]
 """Which instances a `Simulator` runs: all of them, or one side of a cluster split over
 two processes (`split.py`)."""
-
-
-@dataclass(frozen=True)
-class SimConfig:
-    """A simulated cluster and its policies."""
-
-    num_prefill: int = 1
-    num_decode: int = 1
-    colocated: int = 0
-    """> 0: that many colocated vLLM instances instead (the baseline)."""
-    colocated_chunked: bool = True
-    """How the colocated vLLM schedules: True, chunked prefill (vLLM's default since 0.6:
-    prompt chunks ride in the decodes' steps); False, prefill first (vLLM's default before:
-    waiting prompts run whole in a step of their own while every decode waits)."""
-    chunk_size: int = 512
-    kv_capacity_tokens: int = 100_000
-    prefill_order: str = "sjf"
-    sched_window: int = 16
-    prefill_policy: str = "least_load"
-    decode_policy: str = "shuffle"
-    admission: str = "greedy"
-    flip_policy: str = "never"
-    flip: FlipConfig = FlipConfig()
-    heavy_threshold_tokens: int = 128
-    oracle_accuracy: float = 1.0
-    bucket_width: int = 200
-    max_tokens: int = 4096
-    monitor_interval_s: float = 0.1
-    request_overhead_s: float = 0.0
-    """From a request's arrival to its placement: the serving path in front of the
-    engines (HTTP, routing), which a GPU cluster's simulation can leave at 0."""
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        if self.colocated < 0 or (self.colocated == 0 and min(self.num_prefill,
-                                                              self.num_decode) < 1):
-            raise ValueError("a cluster needs >= 1 prefill and >= 1 decode instance, or "
-                             ">= 1 colocated instance")
-        if self.chunk_size < 1 or self.kv_capacity_tokens < 1:
-            raise ValueError("chunk_size and kv_capacity_tokens must be >= 1")
-
-    @property
-    def num_instances(self) -> int:
-        return self.colocated or self.num_prefill + self.num_decode
-
-
-@dataclass
-class SimResult:
-    """What a run produced: one record per request, in the harness's format."""
-
-    records: list[RequestRecord]
-    duration_s: float
-    """From the first arrival to the last request's end."""
-    num_instances: int
-    num_flips: int
-    busy_s: dict[str, float]
-    """Seconds each instance spent running steps."""
-    placements: list[tuple[str | None, str | None]]
-    """(prefill instance, decode instance) of each request, in request order."""
 
 
 class Simulator:
@@ -285,20 +226,9 @@ class Simulator:
     def result(self, reqs: list[SimRequest], busy_s: dict[str, float]) -> SimResult:
         """The run's result, from its requests (every field set) and instances' busy
         seconds."""
-        start = min((r.arrival_s for r in reqs), default=0.0)
-        end = max((r.finished_s or 0.0 for r in reqs), default=0.0)
         with _no_gc():  # a million records would set off full collections
-            records = [self._record(r) for r in reqs]
-            placements = [(r.prefill_id, r.decode_id) for r in reqs]
-        return SimResult(records, max(end - start, 1e-9), self.config.num_instances,
-                         self.roster.num_flips, busy_s, placements)
-
-    def _record(self, r: SimRequest) -> RequestRecord:
-        return RequestRecord(index=r.index, endpoint=self.name, scheduled_at_s=r.arrival_s,
-                             prompt_tokens=r.prompt_tokens, max_tokens=r.output_tokens,
-                             sent_at_s=r.arrival_s, first_token_at_s=r.first_token_s,
-                             finished_at_s=r.finished_s, output_tokens=r.output_tokens,
-                             ok=r.finished_s is not None)
+            return SimResult.of(reqs, self.name, self.config.num_instances,
+                                self.roster.num_flips, busy_s)
 
     # --- placement ---
 
@@ -448,11 +378,6 @@ class Simulator:
         waits = [self.now - r.arrival_s for r in instance.queued.values()
                  if r.prefill_started_s is None]
         return max(waits, default=0.0)
-
-
-def sim_requests(requests: Sequence[TraceRequest]) -> list[SimRequest]:
-    return [SimRequest(i, r.arrival_s, max(r.prompt_tokens, 1), max(r.output_tokens, 1))
-            for i, r in enumerate(requests)]
 
 
 @contextmanager

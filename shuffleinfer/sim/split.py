@@ -23,9 +23,10 @@ from multiprocessing.connection import Connection
 
 from benchmarks.records import TraceRequest
 from shuffleinfer.scheduler.prediction import Prediction
+from shuffleinfer.sim.config import SimConfig, SimResult
 from shuffleinfer.sim.cost import LinearCost
 from shuffleinfer.sim.request import SimRequest
-from shuffleinfer.sim.simulator import SimConfig, SimResult, Simulator, simulate
+from shuffleinfer.sim.simulator import Simulator, simulate
 
 BATCH = 2048
 """Requests per message from the prefill side (a message costs about as much as a few
