@@ -29,8 +29,8 @@ from shuffleinfer.sim.request import SimRequest
 from shuffleinfer.sim.simulator import Simulator, simulate
 
 BATCH = 2048
-"""Requests per message from the prefill side (a message costs about as much as a few
-dozen requests' fields)."""
+"""Requests per message from the prefill side: each message costs a pipe write and a
+read, so they go in batches."""
 
 _Done = tuple[int, str | None, float | None, float | None, float | None, Prediction | None,
               float]
