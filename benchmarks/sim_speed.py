@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import sys
 import time
@@ -28,12 +29,11 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+import shuffleinfer.sim
 from benchmarks.records import TraceRequest
 from benchmarks.replay import DEFAULT_DATA_DIR
 from benchmarks.traces import load_trace
-from shuffleinfer.sim.cost import A100_OPT13B
-from shuffleinfer.sim.simulator import SimConfig, simulate
-from shuffleinfer.sim.split import simulate_in_two
+from shuffleinfer.sim import compiled
 
 GOAL_REQUESTS, GOAL_INSTANCES, GOAL_S = 1_000_000, 512, 60.0
 
@@ -58,11 +58,30 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=int, choices=(1, 2), default=2,
                    help="processes: 2 runs the prefill side beside the decode side")
+    p.add_argument("--sources", action="store_true",
+                   help="run the simulator's Python sources, not their mypyc build (by "
+                   "default built first if missing: about 15 s, not timed)")
     p.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR)
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
     if args.requests < 1 or args.instances < 2 or args.rate_per_instance <= 0:
         p.error("need --requests >= 1, --instances >= 2, --rate-per-instance > 0")
+    if args.sources:
+        os.environ[compiled.ENV] = "0"
+    else:
+        print("compiling the simulator (once per version of its sources) ...",
+              file=sys.stderr, flush=True)
+        try:
+            compiled.build()
+        except RuntimeError as e:
+            print(f"{e}\nrunning the sources instead", file=sys.stderr)
+    compiled.activate(shuffleinfer.sim.__path__)
+    # Imported only now: the compiled modules load if active.
+    from shuffleinfer.sim.cost import A100_OPT13B
+    from shuffleinfer.sim.simulator import SimConfig, simulate
+    from shuffleinfer.sim.split import simulate_in_two
+
+    code = "compiled" if compiled.in_use() else "sources"
     reqs = workload(args.requests, args.rate_per_instance * args.instances, args.seed,
                     args.data_dir)
     half = args.instances // 2
@@ -79,13 +98,14 @@ def main(argv: list[str] | None = None) -> int:
     goal_wall = GOAL_S * len(reqs) / GOAL_REQUESTS
     summary = {"requests": len(reqs), "instances": args.instances,
                "prefill_policy": args.prefill_policy, "workers": args.workers,
+               "code": code,
                "wall_s": wall,
                "simulated_s": result.duration_s, "requests_per_wall_s": per_s,
                "completed": sum(r.ok for r in result.records),
                "goal": f"{GOAL_REQUESTS} requests over {GOAL_INSTANCES} instances in "
                        f"{GOAL_S:.0f} s", "wall_vs_goal": wall / goal_wall}
     print(f"{len(reqs):,} requests over {args.instances} instances, {args.workers} "
-          f"process{'es' if args.workers > 1 else ''}: {wall:.1f} s wall "
+          f"process{'es' if args.workers > 1 else ''} ({code}): {wall:.1f} s wall "
           f"({per_s:,.0f} requests/s), {result.duration_s:,.0f} s simulated; "
           f"{summary['wall_vs_goal']:.2f}x the goal's time for this many requests")
     if args.out is not None:

@@ -1,11 +1,16 @@
-"""Suite-wide: tests marked `gpu` skip on machines without a CUDA device."""
+"""Suite-wide: tests marked `gpu` skip on machines without a CUDA device; the simulator's
+sources run, not a compiled build of them (`shuffleinfer/sim/compiled.py`: one test
+compares the two)."""
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 
 import pytest
+
+os.environ["SHUFFLEINFER_SIM_COMPILED"] = "0"  # before any test imports shuffleinfer.sim
 
 
 def _has_cuda() -> bool:
