@@ -53,11 +53,16 @@ MARKER_FORMAT = 1
 CACHE_DIR_ENV = "SHUFFLEINFER_CACHE_DIR"
 
 
+def cache_root() -> Path:
+    """`$SHUFFLEINFER_CACHE_DIR` if set, else `~/.cache/shuffleinfer`: where prepared
+    models and other built artefacts (the simulator's compiled modules) live."""
+    root = os.environ.get(CACHE_DIR_ENV)
+    return Path(root) if root else Path.home() / ".cache" / "shuffleinfer"
+
+
 def default_cache_dir() -> Path:
     """`$SHUFFLEINFER_CACHE_DIR/models` if set, else `~/.cache/shuffleinfer/models`."""
-    root = os.environ.get(CACHE_DIR_ENV)
-    base = Path(root) if root else Path.home() / ".cache" / "shuffleinfer"
-    return base / "models"
+    return cache_root() / "models"
 
 
 def prepared_model_path(name: str, cache_dir: Path | None = None) -> Path | None:

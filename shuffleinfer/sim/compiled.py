@@ -48,11 +48,9 @@ def key() -> str:
 
 def build_dir(cache_root: Path | None = None) -> Path:
     """Where the build of the current sources lives (whether or not it exists)."""
-    from shuffleinfer.model.prepare import CACHE_DIR_ENV
+    from shuffleinfer.model.prepare import cache_root as default_root
 
-    root = cache_root or Path(os.environ.get(CACHE_DIR_ENV) or
-                              Path.home() / ".cache" / "shuffleinfer")
-    return root / "sim-compiled" / key()
+    return (cache_root or default_root()) / "sim-compiled" / key()
 
 
 def activate(package_path: list[str]) -> Path | None:
@@ -90,7 +88,7 @@ setup(name="shuffleinfer-sim-compiled", script_args=sys.argv[1:], ext_modules=my
 """
 
 
-def build(cache_root: Path | None = None, quiet: bool = True) -> Path:
+def build(cache_root: Path | None = None) -> Path:
     """Compile `MODULES` into `build_dir(cache_root)` (replacing an unfinished one);
     returns it. Raises RuntimeError, with the compiler's output, if the build fails."""
     dest = build_dir(cache_root)
@@ -105,11 +103,10 @@ def build(cache_root: Path | None = None, quiet: bool = True) -> Path:
         done = subprocess.run(
             [sys.executable, "-c", setup, "build_ext", "--build-lib", str(out),
              "--build-temp", str(Path(tmp) / "o")],
-            cwd=root, capture_output=quiet, text=True)
+            cwd=root, capture_output=True, text=True)
         if done.returncode != 0:
             raise RuntimeError(f"compiling the simulator failed (exit code "
-                               f"{done.returncode}):\n{(done.stdout or '')[-3000:]}"
-                               f"{(done.stderr or '')[-3000:]}")
+                               f"{done.returncode}):\n{done.stdout[-3000:]}{done.stderr[-3000:]}")
         shutil.rmtree(dest, ignore_errors=True)
         out.rename(dest)  # whole, or not at all
     return dest
