@@ -11,8 +11,9 @@ round, in both modes: whole (the blocks are read out of the prefill's cache at p
 time; by shm, straight out of its shared cache, `shared_cache.py`) and overlap (they
 were staged while the prefill ran, `staging.py`; only the pull is timed). Round 0 is not
 timed: it is where shm allocates the segments it then reuses. The limits: one thread's
-in-process memcpy of the same bytes (after the pulls), and a raw loopback socket stream
-from another process (once per round, after the pulls: `SocketLimit`).
+in-process memcpy of the same bytes from a source out of cache, as a pull's is
+(`memcpy_seconds`, before and after the pulls), and a raw loopback socket stream from
+another process (once per round, after the pulls: `SocketLimit`).
 """
 
 from __future__ import annotations

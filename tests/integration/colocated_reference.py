@@ -2,6 +2,7 @@
 path must match token for token. Run as a script (vLLM spawns processes):
 
     python colocated_reference.py MODEL PROMPTS.json OUT.json --max-tokens N --dtype D
+        [--enforce-eager]
 PROMPTS.json holds a list of token-id lists; OUT.json gets a list of
 {"token_ids": [...], "text": "..."}.
 """
@@ -20,12 +21,14 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, required=True)
     parser.add_argument("--max-model-len", type=int, required=True)
     parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--enforce-eager", action="store_true")
     args = parser.parse_args()
 
     from vllm import LLM, SamplingParams
 
     prompts = json.loads(open(args.prompts).read())
-    llm = LLM(model=args.model, dtype=args.dtype, max_model_len=args.max_model_len)
+    llm = LLM(model=args.model, dtype=args.dtype, max_model_len=args.max_model_len,
+              enforce_eager=args.enforce_eager)
     params = SamplingParams(max_tokens=args.max_tokens, temperature=0.0)
     outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], params)
     result = [{"token_ids": list(o.outputs[0].token_ids), "text": o.outputs[0].text}
