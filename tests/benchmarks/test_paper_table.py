@@ -3,12 +3,15 @@ computed from the means it reports, the paper's numbers beside them, and bad fla
 
 from __future__ import annotations
 
+import argparse
 import json
 from pathlib import Path
 
 import pytest
 
-from benchmarks.paper_table import CLASSES, main
+from benchmarks.paper_table import CLASSES, class_requests, main
+from benchmarks.records import TraceRequest
+from benchmarks.replay import DEFAULT_DATA_DIR
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -42,3 +45,20 @@ def test_bad_flags_exit_2(tmp_path: Path, argv: list[str],
         main(["--out", str(tmp_path), *argv])
     assert exit_info.value.code == 2
     assert "--requests >= 10, --instances >= 2 and 0 < --load < 1" in capsys.readouterr().err
+
+
+def test_more_requests_than_a_class_has_repeat_it_in_new_orders() -> None:
+    args = argparse.Namespace(requests=40, seed=0, data_dir=DEFAULT_DATA_DIR)
+    sample, _, distinct = class_requests("lpld", args)
+    assert len(sample) == 40 < distinct  # a sample without replacement
+    args.requests = 2 * distinct + 5
+    drawn, scale, again = class_requests("lpld", args)
+    assert again == distinct and len(drawn) == args.requests and scale > 0
+    first, second = drawn[:distinct], drawn[distinct:2 * distinct]
+
+    def key(r: TraceRequest) -> tuple[int, int]:
+        return r.prompt_tokens, r.output_tokens
+
+    assert sorted(map(key, first)) == sorted(map(key, second))  # every request, each round
+    assert list(map(key, first)) != list(map(key, second))  # in a new order
+    assert class_requests("lpld", args)[0] == drawn  # the same under the same seed
