@@ -19,8 +19,9 @@ primitive it is built on, the machine's limit for it:
   2.5 GB/s instead of about 10, which would flatter shm). summary.json also has, for
   reference, memcpy of the same two buffers round after round (`memcpy_cached_gbps`,
   `ratio_cached`; printed under the table): at 128 tokens (5.6 MiB) they stay in cache,
-  which no hand-over's source is, so that copy runs about twice as fast as the cold one
-  here; at 1k tokens and more the two agree. And torch's copy across all cores
+  which no hand-over's source is, so that copy ran about twice as fast as the cold one
+  here; at 1k tokens and more (45 MiB and up, more than the caches hold) the two came
+  within about 15 % of each other. And torch's copy across all cores
   (`memcpy_all_cores_gbps`);
 - tcp against a raw loopback socket stream from another process (`sendall` of one
   buffer, `recv_into` one buffer), timed once in every round right after the pulls (a
