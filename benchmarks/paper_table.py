@@ -15,10 +15,11 @@ pressure. ShuffleInfer runs prefill and decode instances (sjf, `shuffle` placeme
 74.9 %-accurate length predictor as the paper's, reserve_dynamic admission, flips when
 unbalanced) at the prefill:decode split that does best against vLLM for the class.
 
-`--requests` beyond a class's own repeat them, each round in a new order. A run that short
+`--requests` beyond a class's own repeat them, each round in a new order. The default run
 is mostly start-up: with 1,500 LPHD requests on 8 instances vLLM's mean TTFT stayed near
-one prefill (45-52 ms) from load 0.5 up to twice its capacity; with 12,000 at load 0.95
-it was 201 ms, its prompts waiting for KV cache held by long decodes.
+one prefill (45-52 ms) from load 0.5 up to twice its capacity. Its prompts wait for KV
+cache held by long decodes only in longer runs (`--requests 12000 --load 0.95`: 76 ms;
+the 1,500 repeated eight times: 201 ms).
 
 Reported per class, as ShuffleInfer's change against vLLM (negative is better for the
 first three): mean TTFT and mean JCT on as many instances; resources, the fewest instances
